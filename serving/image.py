@@ -1,0 +1,67 @@
+"""Decode one uploaded or on-disk image into the uint8 (H, W, 3) RGB array the ONNX graphs take.
+
+Training imports this too, so the model is trained on exactly the pixels the server will feed it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # larger uploads are refused before decoding
+MAX_PIXELS = 40_000_000  # width x height above this is refused as a possible decompression bomb
+
+
+class InputError(ValueError):
+    """Input that cannot be scored; the message says what is wrong and is safe to show a client."""
+
+
+def prepare_image(source: bytes | str | Path, size: int | tuple[int, int]) -> np.ndarray:
+    """Decode, apply EXIF orientation, convert to RGB and resize bilinear to (height, width, 3) uint8.
+
+    `size` is a side in pixels or (width, height), as Pillow takes it.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) == 0:
+            raise InputError("the image file is empty")
+        if len(source) > MAX_UPLOAD_BYTES:
+            raise InputError(f"the image is {len(source)} bytes; the limit is {MAX_UPLOAD_BYTES} bytes")
+        stream = io.BytesIO(source)
+    else:
+        stream = Path(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as im:
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    raise InputError(f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+                im.load()
+                rgb = to_rgb(ImageOps.exif_transpose(im))
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"the image is too large to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise InputError("the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"the image could not be decoded ({exc}); is it truncated or corrupt?") from None
+    return np.asarray(rgb.resize(size, Image.BILINEAR), dtype=np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit and float grey scaled down, transparency over white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(grey.max()), 1.0)
+        im = Image.fromarray(np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,130 @@
+"""ONNX Runtime session for an exported model: provider choice, metadata, input checks and predict (no torch).
+
+    python -m serving.runtime exported/age_ensemble.onnx   # prints the provider and the metadata summary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.image import InputError, prepare_image
+
+log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
+
+MODEL_DIR = Path(os.environ.get("AGEGROUP_MODEL_DIR", Path(__file__).resolve().parent.parent / "exported"))
+GENDER_NAMES = ("male", "female")
+RACE_NAMES = ("White", "Black", "Asian", "Indian", "Others")
+
+
+def gpu_present() -> bool:
+    """An NVIDIA driver is loaded on this machine (checked without touching CUDA libraries)."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
+def choose_providers(device: str | None = None) -> list[str]:
+    """CUDA then CPU when a GPU is really there and onnxruntime has CUDA; otherwise CPU alone.
+
+    `device` (or $AGEGROUP_DEVICE) is "auto", "cpu" or "cuda". Asking onnxruntime-gpu for CUDA on a
+    machine without a GPU logs a failed library load, so CUDA is only requested when a driver exists.
+    """
+    device = (device or os.environ.get("AGEGROUP_DEVICE", "auto")).lower()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    cuda_built = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" or (device == "auto" and cuda_built and gpu_present()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimisation; intra-op threads from $AGEGROUP_THREADS or every core."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or int(os.environ.get("AGEGROUP_THREADS", 0)) or (os.cpu_count() or 1)
+    options.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+    return options
+
+
+class OnnxModel:
+    """One exported model (.onnx + .json): prepares images and predicts probabilities and labels."""
+
+    def __init__(self, onnx_path: str | Path, device: str | None = None, threads: int | None = None):
+        self.path = Path(onnx_path)
+        self.metadata = read_metadata(self.path)
+        self.class_names: list[str] = list(self.metadata["class_names"])
+        self.height, self.width = self.metadata["input_size"]
+        providers = choose_providers(device)
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
+        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if providers[0] != self.provider:
+            log.warning("%s: CUDA was asked for but could not be used; running on %s", self.path.name, self.provider)
+        log.info("%s loaded on %s (input %dx%d, %d classes)", self.path.name, self.provider, self.height,
+                 self.width, len(self.class_names))
+
+    @property
+    def needs_demographics(self) -> bool:
+        return "gender" in self.input_names
+
+    def prepare(self, source: bytes | str | Path) -> np.ndarray:
+        """Decode one image to the model's uint8 (H, W, 3); raises InputError on bad input."""
+        return prepare_image(source, (self.width, self.height))
+
+    def predict(self, images: np.ndarray, gender=None, race=None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) uint8 [+ gender, race] -> probabilities (N, C) float32 and labels (N,) int64."""
+        feed = {"image": np.ascontiguousarray(images, dtype=np.uint8)}
+        if self.needs_demographics:
+            feed["gender"] = np.asarray(gender, dtype=np.int64)
+            feed["race"] = np.asarray(race, dtype=np.int64)
+        probabilities, labels = self.session.run(["probabilities", "label"], feed)
+        return probabilities, labels
+
+
+def describe(class_names: list[str], probabilities, label: int, key: str = "class") -> dict:
+    """One prediction as JSON: the class name under `key`, its label and every probability by name."""
+    return {key: class_names[int(label)], "label": int(label),
+            "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, probabilities)}}
+
+
+def read_metadata(onnx_path: str | Path) -> dict:
+    """The JSON written beside an exported .onnx file."""
+    return json.loads(Path(onnx_path).with_suffix(".json").read_text())
+
+
+def check_demographics(gender, race) -> tuple[int, int]:
+    """Gender 0/1 and race 0-4 as ints, or InputError saying which value is wrong."""
+    checked = []
+    for field, value, names in (("gender", gender, GENDER_NAMES), ("race", race, RACE_NAMES)):
+        choices = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+        try:
+            number = int(value)
+            ok = number == float(value) and 0 <= number < len(names)
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise InputError(f"{field} must be an integer 0-{len(names) - 1} ({choices}); got {value!r}")
+        checked.append(number)
+    return checked[0], checked[1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    model = OnnxModel(argv[0] if argv else MODEL_DIR / "age_ensemble.onnx")
+    meta = model.metadata
+    print(f"provider {model.provider}; inputs {model.input_names}; input_size {meta['input_size']}; "
+          f"classes {model.class_names}; val accuracy {meta.get('ensemble_val_accuracy', 'n/a')}")
+
+
+if __name__ == "__main__":
+    main()

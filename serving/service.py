@@ -1,0 +1,95 @@
+"""BentoML services: `AgeGroup`, the HTTP API, in front of `Models`, which batches ONNX Runtime inference.
+
+    bentoml serve                      # from the repo root; bentofile.yaml names serving.service:AgeGroup
+    curl -F image=@face.jpg -F gender=1 -F race=0 http://localhost:3000/predict
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound
+
+from serving.image import MAX_UPLOAD_BYTES, InputError, prepare_image
+from serving.runtime import MODEL_DIR, OnnxModel, check_demographics, describe, read_metadata
+
+log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
+
+AGE_MODEL = MODEL_DIR / "age_ensemble.onnx"
+STL10_MODEL = MODEL_DIR / "stl10_mlp.onnx"
+MAX_BATCH_SIZE = 32  # bench/serving.py: throughput stops growing past 32 on CPU
+MAX_LATENCY_MS = 100  # upper bound on queueing + inference before a request is answered
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 512})
+class Models:
+    """The ONNX sessions; concurrent requests are grouped into one onnxruntime run per method."""
+
+    def __init__(self) -> None:
+        self.age = OnnxModel(AGE_MODEL)
+        self.stl10 = OnnxModel(STL10_MODEL) if STL10_MODEL.exists() else None
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict_age(self, faces: list[dict]) -> list[dict]:
+        """faces: [{"image": uint8 (H, W, 3), "gender": int, "race": int}] -> probabilities and label each."""
+        images = np.stack([f["image"] for f in faces])  # (B, H, W, 3)
+        gender, race = (np.array([f[k] for f in faces], dtype=np.int64) for k in ("gender", "race"))
+        probabilities, labels = self.age.predict(images, gender, race)
+        return [{"probabilities": p, "label": int(y), "batch_size": len(faces)} for p, y in zip(probabilities, labels)]
+
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict_stl10(self, images: np.ndarray) -> np.ndarray:
+        """(B, 96, 96, 3) uint8 -> (B, 10) probabilities."""
+        probabilities, _ = self.stl10.predict(images)
+        return probabilities
+
+
+@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 512})
+class AgeGroup:
+    """POST a face photo with gender and race; get its age group and the five probabilities."""
+
+    models = bentoml.depends(Models)
+
+    def __init__(self) -> None:
+        self.age_meta = read_metadata(AGE_MODEL)
+        self.stl10_meta = read_metadata(STL10_MODEL) if STL10_MODEL.exists() else None
+        if self.stl10_meta is None:
+            log.info("no STL-10 model at %s: /classify_image answers 404 until one is exported", STL10_MODEL)
+
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Path, gender: int, race: int) -> dict:
+        """The age group (10-19 ... 50-60) of the face in `image`; gender 0 male, 1 female; race 0-4."""
+        try:
+            gender, race = check_demographics(gender, race)
+            pixels = await asyncio.to_thread(decode_upload, image, self.age_meta["input_size"])
+        except InputError as exc:
+            raise InvalidArgument(str(exc)) from None
+        [result] = await self.models.to_async.predict_age([{"image": pixels, "gender": gender, "race": race}])
+        return describe(self.age_meta["class_names"], result["probabilities"], result["label"], "age_group")
+
+    @bentoml.api(route="/classify_image")
+    async def classify_image(self, image: Path) -> dict:
+        """The STL-10 class of `image` (airplane, bird, ... truck), when an STL-10 model is shipped."""
+        if self.stl10_meta is None:
+            raise NotFound(f"no STL-10 model is shipped: export one to {STL10_MODEL}")
+        try:
+            pixels = await asyncio.to_thread(decode_upload, image, self.stl10_meta["input_size"])
+        except InputError as exc:
+            raise InvalidArgument(str(exc)) from None
+        probabilities = await self.models.to_async.predict_stl10(pixels[None])
+        return describe(self.stl10_meta["class_names"], probabilities[0], int(np.argmax(probabilities[0])))
+
+
+def decode_upload(path: Path, input_size: list[int]) -> np.ndarray:
+    """An uploaded file to the model's uint8 (H, W, 3); refuses oversize uploads with HTTP 413."""
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise BentoMLException(f"the upload is {size} bytes; the limit is {MAX_UPLOAD_BYTES} bytes",
+                               error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+    height, width = input_size
+    return prepare_image(path.read_bytes(), (width, height))

@@ -1,0 +1,169 @@
+"""Data: the face CSV data set, the STL-10 binary reader, the validation split and augmentation presets.
+
+    python -c "from training.data import read_face_table; print(read_face_table('../shared/data/faces'))"
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from serving.image import InputError, prepare_image
+from training.config import AGE_GROUPS, RACES, STL10_CLASSES
+
+FACE_COLUMNS = ("Image", "Gender", "Race")  # every face CSV has these; data.csv adds Label
+STL10_SIDE = 96
+STL10_IMAGE_BYTES = 3 * STL10_SIDE * STL10_SIDE
+
+
+class DataError(RuntimeError):
+    """A data folder or file that cannot be used; the message names the file and the problem."""
+
+
+def read_face_table(data_dir: str | Path, csv_name: str = "data.csv", labelled: bool = True,
+                    limit: int = 0) -> pd.DataFrame:
+    """Read and validate a face CSV: required columns, value ranges and image files that exist."""
+    path = Path(data_dir) / csv_name
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    required = FACE_COLUMNS + (("Label",) if labelled else ())
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}")
+    if limit:
+        table = table.head(limit)
+    if table.empty:
+        raise DataError(f"{path}: no rows")
+    ranges = {"Gender": 2, "Race": len(RACES)} | ({"Label": len(AGE_GROUPS)} if labelled else {})
+    for column, count in ranges.items():
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = table.index[values.isna() | (values % 1 != 0) | (values < 0) | (values >= count)]
+        if len(bad):
+            raise DataError(f"{path}: column {column} must be an integer 0-{count - 1}; bad rows {_rows(bad)}")
+        table[column] = values.astype(np.int64)
+    files = [Path(data_dir) / str(p) for p in table["Image"]]
+    absent = table.index[[not f.is_file() for f in files]]
+    if len(absent):
+        raise DataError(f"{path}: image file not found for rows {_rows(absent)} (e.g. {files[absent[0]]})")
+    table["path"] = [str(f) for f in files]
+    return table
+
+
+def load_images(paths: list[str], size: int, threads: int = 0) -> np.ndarray:
+    """Decode every image once with the serving preparation: (N, size, size, 3) uint8."""
+    def one(path: str) -> np.ndarray:
+        try:
+            return prepare_image(path, size)
+        except InputError as exc:
+            raise DataError(f"{path}: {exc}") from None
+
+    with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        return np.stack(list(pool.map(one, paths)))
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a stratified train/validation split, fixed by its seed."""
+    index = np.arange(len(labels))
+    train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(val)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in 0..255 units over (N, H, W, 3) uint8 training images."""
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    return tuple(pixels.mean(0).round(4).tolist()), tuple(pixels.std(0).round(4).tolist())
+
+
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 numpy -> (N, 3, H, W) uint8 tensor; batches are cast to float on the fly."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+class BatchAugment:
+    """Train-only augmentation of a float (B, 3, H, W) batch: random flip, rotation, shift and scale."""
+
+    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0):
+        self.flip, self.degrees, self.shift, self.scale = flip, degrees, shift, scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        angle = (torch.rand(b) * 2 - 1) * math.radians(self.degrees)
+        zoom = 1 + (torch.rand(b) * 2 - 1) * self.scale
+        mirror = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.zeros(b, 2, 3)  # maps output to input coordinates, in [-1, 1] units
+        theta[:, 0, 0], theta[:, 0, 1] = cos * mirror, -sin
+        theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
+        theta[:, :, 2] = (torch.rand(b, 2) * 2 - 1) * 2 * self.shift
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+AUGMENT_PRESETS = {
+    "faces": lambda: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08),
+    "stl10": lambda: BatchAugment(flip=True, degrees=10.0),  # the course report's flips and +-10 degrees
+}
+
+
+class Batches:
+    """Mini-batches over in-memory tensors; the first tensor is uint8 images, cast to float (and augmented)."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool = False,
+                 augment=None, device: str | torch.device = "cpu", seed: int = 0):
+        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+        self.augment, self.device = augment, torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.tensors[0])
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            images, *rest = (t[idx.to(t.device)].to(self.device, non_blocking=True) for t in self.tensors)
+            images = images.float()  # (B, 3, H, W) in 0..255
+            if self.augment is not None:
+                images = self.augment(images)
+            yield (images.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def read_stl10(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read the official STL-10 binaries: images (N, 96, 96, 3) uint8 RGB and labels 0-9."""
+    folder = Path(root) / "stl10_binary"
+    x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+    for p in (x_path, y_path):
+        if not p.is_file():
+            raise DataError(f"{p}: no such file (expected the official stl10_binary layout under {root})")
+    size = x_path.stat().st_size
+    if size == 0 or size % STL10_IMAGE_BYTES:
+        raise DataError(f"{x_path}: {size} bytes is not a whole number of {STL10_IMAGE_BYTES}-byte images")
+    raw = np.fromfile(x_path, dtype=np.uint8).reshape(-1, 3, STL10_SIDE, STL10_SIDE)
+    images = raw.transpose(0, 3, 2, 1)  # each channel is stored column-major: (N, C, W, H) -> (N, H, W, C)
+    labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
+    if len(labels) != len(images):
+        raise DataError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
+    bad = np.flatnonzero((labels < 1) | (labels > len(STL10_CLASSES)))
+    if len(bad):
+        raise DataError(f"{y_path}: labels must be 1-{len(STL10_CLASSES)}; bad at positions {_rows(bad)}")
+    return np.ascontiguousarray(images), labels - 1
+
+
+def _rows(index, shown: int = 10) -> str:
+    """A short list of row numbers for an error message."""
+    index = list(index)
+    more = f" and {len(index) - shown} more" if len(index) > shown else ""
+    return ", ".join(str(i) for i in index[:shown]) + more

@@ -1,0 +1,229 @@
+"""Export a trained model as one self-contained ONNX graph plus JSON metadata, checked against PyTorch.
+
+    agegroup-export age --run-dir runs/cpu --out-dir exported
+    agegroup-export stl10 --checkpoint runs/stl10/stl10_mlp.pt --out-dir /tmp/stl10-export
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from serving.cli import ArgumentParser, fail
+from training.config import AGE_GROUPS, GENDERS, RACES, STL10_CLASSES
+from training.models import AgeEnsemble, Stl10MLP, build_member
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| allowed at export
+PARITY_BATCHES = (1, 5)
+
+
+class ExportError(RuntimeError):
+    """The graph failed a check; nothing was written."""
+
+
+class AgeGraph(nn.Module):
+    """What the ONNX file computes: uint8 NHWC image + gender + race -> ensemble probabilities and label."""
+
+    def __init__(self, ensemble: AgeEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, image: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
+        x = image.permute(0, 3, 1, 2).to(torch.float32)  # (N, H, W, 3) uint8 -> (N, 3, H, W) float 0..255
+        probabilities = self.ensemble(x, gender, race)  # (N, 5), rows sum to 1
+        return probabilities, probabilities.argmax(dim=1)
+
+
+class ImageGraph(nn.Module):
+    """What the ONNX file computes for an image-only classifier: uint8 NHWC -> softmax and label."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor):
+        probabilities = self.classifier(image.permute(0, 3, 1, 2).to(torch.float32)).softmax(dim=1)
+        return probabilities, probabilities.argmax(dim=1)
+
+
+def load_age_ensemble(run_dir: str | Path) -> tuple[AgeEnsemble, dict]:
+    """Rebuild the fitted ensemble from a training run folder (ensemble.pt + member checkpoints)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "ensemble.pt").is_file():
+        raise ExportError(f"{run_dir}/ensemble.pt not found: train first (agegroup-train age --out-dir {run_dir})")
+    summary = torch.load(run_dir / "ensemble.pt", weights_only=False)
+    members = []
+    for entry in summary["members"]:
+        checkpoint = torch.load(run_dir / entry["checkpoint"], weights_only=False)
+        model = build_member(entry["name"], summary["input_size"], summary["mean"], summary["std"])
+        model.load_state_dict(checkpoint["state_dict"])
+        members.append(model)
+    ensemble = AgeEnsemble(members, [m["weight"] for m in summary["members"]]).eval()
+    return ensemble, summary
+
+
+def example_age_inputs(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random but valid graph inputs: uint8 images, gender 0-1, race 0-4."""
+    g = torch.Generator().manual_seed(seed + n)
+    return (torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g),
+            torch.randint(0, len(GENDERS), (n,), generator=g), torch.randint(0, len(RACES), (n,), generator=g))
+
+
+def export_graph(graph: nn.Module, inputs: tuple, input_names: list[str], path: Path) -> None:
+    """torch -> ONNX with a dynamic batch dimension on every input and output, then onnx.checker."""
+    names = input_names + ["probabilities", "label"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(graph.eval(), inputs, str(path), input_names=input_names,
+                          output_names=["probabilities", "label"], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={name: {0: "N"} for name in names}, do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def check_parity(graph: nn.Module, path: Path, make_inputs, input_names: list[str]) -> dict:
+    """onnxruntime (CPU) vs PyTorch eval at N = 1 and 5: max |delta prob| and whether labels agree."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    report = {}
+    for n in PARITY_BATCHES:
+        inputs = make_inputs(n)
+        with torch.no_grad():
+            probs_t, label_t = (t.numpy() for t in graph(*inputs))
+        probs_o, label_o = session.run(None, {k: v.numpy() for k, v in zip(input_names, inputs)})
+        delta = float(np.abs(probs_o - probs_t).max())
+        same = bool((label_o == label_t).all())
+        report[f"N={n}"] = {"max_abs_diff": delta, "labels_equal": same,
+                            "row_sum_max_error": float(np.abs(probs_o.sum(1) - 1).max())}
+        if delta > PARITY_TOLERANCE or not same or label_o.dtype != np.int64 or probs_o.dtype != np.float32:
+            raise ExportError(f"ONNX/PyTorch parity failed at N={n}: max |dprob| {delta:.2e} "
+                              f"(limit {PARITY_TOLERANCE:.0e}), labels equal: {same}")
+    return report
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__}
+
+
+def publish(files: dict[str, bytes | Path], out_dir: Path) -> None:
+    """Move finished files into out_dir with atomic renames, the JSON last, so a reader never sees half."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        tmp = out_dir / f".{name}.tmp"
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp)
+        else:
+            tmp.write_bytes(content)
+        os.replace(tmp, out_dir / name)
+
+
+def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
+    """Export the whole weighted softmax ensemble of a run as out_dir/age_ensemble.{onnx,json}."""
+    ensemble, summary = load_age_ensemble(run_dir)
+    graph, size = AgeGraph(ensemble).eval(), summary["input_size"]
+    names = ["image", "gender", "race"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "age_ensemble.onnx"
+        export_graph(graph, example_age_inputs(2, size), names, path)
+        parity = check_parity(graph, path, lambda n: example_age_inputs(n, size), names)
+        config = summary["config"]
+        metadata = {
+            "model": "age_ensemble",
+            "inputs": {"image": f"uint8 [N, {size}, {size}, 3] RGB", "gender": "int64 [N] 0 male, 1 female",
+                       "race": "int64 [N] 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others"},
+            "outputs": {"probabilities": "float32 [N, 5] weighted average of member softmaxes",
+                        "label": "int64 [N] argmax of probabilities"},
+            "input_size": [size, size],
+            "resize": "Pillow bilinear from the RGB image, after EXIF orientation",
+            "class_names": list(AGE_GROUPS),
+            "normalization": {"mean": list(summary["mean"]), "std": list(summary["std"]),
+                              "units": "0-255 pixel values, per RGB channel, from the training split"},
+            "members": [{"name": m["name"], "config": m["member"], "weight": m["weight"],
+                         "val_accuracy": m["val_accuracy"], "val_macro_f1": m["val_macro_f1"],
+                         "train_seconds": round(m["train_seconds"], 1)} for m in summary["members"]],
+            "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
+            "ensemble_val_macro_f1": summary["ensemble"]["macro_f1"],
+            "uniform_weights_val_accuracy": summary["uniform"]["accuracy"],
+            "validation": {"fraction": config["val_fraction"], "seed": config["split_seed"],
+                           "size": len(summary["val_index"]), "stratified_by": "Label"},
+            "preset": summary["preset"], "epochs": summary["epochs"], "training": config,
+            "training_wall_time_s": round(summary["train_seconds"], 1),
+            "data_sha256": summary["data_sha256"],
+            "opset": OPSET, "versions": versions(), "parity": parity,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        publish({"age_ensemble.onnx": path,
+                 "age_ensemble.json": (json.dumps(metadata, indent=2) + "\n").encode()}, Path(out_dir))
+    return metadata
+
+
+def export_stl10(checkpoint: str | Path, out_dir: str | Path) -> dict:
+    """Export a trained Stl10MLP checkpoint as out_dir/stl10_mlp.{onnx,json}."""
+    saved = torch.load(checkpoint, weights_only=False)
+    model = Stl10MLP(tuple(saved["hidden"]), saved["dropout"], len(STL10_CLASSES), mean=saved["mean"],
+                     std=saved["std"])
+    model.load_state_dict(saved["state_dict"])
+    graph = ImageGraph(model).eval()
+
+    def make_inputs(n: int):
+        g = torch.Generator().manual_seed(n)
+        return (torch.randint(0, 256, (n, 96, 96, 3), dtype=torch.uint8, generator=g),)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stl10_mlp.onnx"
+        export_graph(graph, make_inputs(2), ["image"], path)
+        parity = check_parity(graph, path, make_inputs, ["image"])
+        metadata = {
+            "model": "stl10_mlp", "input_size": [96, 96], "class_names": list(STL10_CLASSES),
+            "inputs": {"image": "uint8 [N, 96, 96, 3] RGB"},
+            "outputs": {"probabilities": "float32 [N, 10] softmax", "label": "int64 [N] argmax"},
+            "normalization": {"mean": list(saved["mean"]), "std": list(saved["std"])},
+            "hidden": saved["hidden"], "dropout": saved["dropout"], "metrics": saved["metrics"],
+            "training": saved["config"], "opset": OPSET, "versions": versions(), "parity": parity,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        publish({"stl10_mlp.onnx": path, "stl10_mlp.json": (json.dumps(metadata, indent=2) + "\n").encode()},
+                Path(out_dir))
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="agegroup-export", description=__doc__.split("\n")[0])
+    tasks = parser.add_subparsers(dest="task", required=True, parser_class=ArgumentParser)
+    age = tasks.add_parser("age", help="export a trained ensemble run as age_ensemble.onnx + .json")
+    age.add_argument("--run-dir", type=Path, required=True, help="the training run folder (holds ensemble.pt)")
+    age.add_argument("--out-dir", type=Path, default=Path("exported"), help="where the files go (default: exported)")
+    stl = tasks.add_parser("stl10", help="export a trained STL-10 MLP checkpoint as stl10_mlp.onnx + .json")
+    stl.add_argument("--checkpoint", type=Path, required=True, help="the stl10_mlp.pt a training run wrote")
+    stl.add_argument("--out-dir", type=Path, required=True, help="where the files go")
+    args = parser.parse_args(argv)
+    try:
+        if args.task == "age":
+            meta = export_age_ensemble(args.run_dir, args.out_dir)
+            print(f"ensemble val accuracy {meta['ensemble_val_accuracy']:.4f}", end="; ")
+        else:
+            if not args.checkpoint.is_file():
+                raise ExportError(f"{args.checkpoint}: no such checkpoint")
+            meta = export_stl10(args.checkpoint, args.out_dir)
+    except ExportError as exc:
+        fail("agegroup-export", str(exc))
+    name = meta["model"]
+    size_mb = (args.out_dir / f"{name}.onnx").stat().st_size / 1e6
+    print(f"wrote {args.out_dir / name}.onnx ({size_mb:.2f} MB) and .json; parity "
+          + ", ".join(f"{k} max|dprob| {v['max_abs_diff']:.1e}" for k, v in meta["parity"].items()))
+
+
+if __name__ == "__main__":
+    main()

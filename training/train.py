@@ -1,0 +1,286 @@
+"""Train the age-group CNN ensemble or the STL-10 MLP with one loop: train_one_epoch, evaluate, fit.
+
+    agegroup-train age --preset cpu --data-dir ../shared/data/faces --out-dir runs/cpu
+    agegroup-train stl10 --data-dir /path/to/stl10 --out-dir runs/stl10
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+from tqdm import tqdm
+
+from serving.cli import ArgumentParser, fail
+from training.config import (AGE_GROUPS, AGE_PRESETS, DEFAULT_MEMBERS, STL10_CLASSES, STL10_PRESETS,
+                             AgeTrainConfig, Stl10TrainConfig, add_config_arguments, config_from_args,
+                             member_by_name, to_jsonable)
+from training.data import (AUGMENT_PRESETS, Batches, DataError, channel_stats, load_images, read_face_table,
+                           read_stl10, stratified_split, to_nchw)
+from training.models import AgeEnsemble, Stl10MLP, build_member, focal_loss
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
+    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
+    for *inputs, target in bar:
+        with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(*inputs)
+        loss = loss_fn(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(target)
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += len(target)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+@torch.no_grad()
+def evaluate(model, batches, loss_fn) -> dict:
+    """Loss, accuracy, macro-F1 and the softmax probabilities (N, C) over the batches, in order."""
+    model.eval()
+    probs, targets, total_loss = [], [], 0.0
+    for *inputs, target in batches:
+        logits = model(*inputs).float()
+        total_loss += loss_fn(logits, target).item() * len(target)
+        probs.append(logits.softmax(1).cpu())
+        targets.append(target.cpu())
+    probs, targets = torch.cat(probs).numpy(), torch.cat(targets).numpy()
+    return {"loss": total_loss / len(targets), **classification_metrics(probs, targets),
+            "probs": probs, "targets": targets}
+
+
+def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """Accuracy and macro-F1 of the argmax of (N, C) probabilities."""
+    pred = probs.argmax(1)
+    return {"accuracy": float(accuracy_score(targets, pred)),
+            "macro_f1": float(f1_score(targets, pred, average="macro", zero_division=0))}
+
+
+def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
+        checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
+        amp: bool = False, name: str = "model") -> dict:
+    """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights.
+
+    Saves `checkpoint` (state_dict, `extra`, metrics, history) whenever validation accuracy improves and
+    stops early after `patience` epochs without a lower validation loss. Returns the best epoch's metrics.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch, total = len(train_batches), epochs * len(train_batches)
+    warmup = int(warmup_epochs * steps_per_epoch)
+    if lr_step:
+        schedule = lambda step: 0.5 ** (step // (lr_step * steps_per_epoch))  # noqa: E731
+    else:
+        schedule = lambda step: (step + 1) / warmup if step < warmup else 0.5 * (  # noqa: E731
+            1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}")
+        val = evaluate(model, val_batches, loss_fn)
+        row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        history.append(row)
+        improved = best is None or val["accuracy"] > best["val_accuracy"]
+        print(f"{name} epoch {epoch:3d}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
+              f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} f1 {val['macro_f1']:.4f}"
+              f"{'  *best' if improved else ''}  [{row['seconds']:.0f}s]", flush=True)
+        if improved:
+            best = row
+            torch.save({"state_dict": model.state_dict(), **extra, "metrics": best, "history": history}, checkpoint)
+        stale = 0 if val["loss"] < best_loss else stale + 1
+        best_loss = min(best_loss, val["loss"])
+        if patience and stale >= patience:
+            print(f"{name}: early stop after {epoch} epochs ({patience} without a lower val loss)", flush=True)
+            break
+    saved = torch.load(checkpoint, weights_only=False)
+    model.load_state_dict(saved["state_dict"])
+    saved.update(history=history, complete=True, train_seconds=time.perf_counter() - start)
+    torch.save(saved, checkpoint)
+    return best
+
+
+def fit_ensemble_weights(member_probs: np.ndarray, targets: np.ndarray, steps: int = 300) -> np.ndarray:
+    """Weights on the simplex minimising the NLL of the weighted average of (M, N, C) member probabilities."""
+    probs, y = torch.from_numpy(member_probs).double(), torch.from_numpy(targets)
+    logits = torch.zeros(len(probs), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(steps):
+        mixed = (logits.softmax(0).view(-1, 1, 1) * probs).sum(0)  # (N, C)
+        loss = F.nll_loss(mixed.clamp_min(1e-12).log(), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return logits.detach().softmax(0).numpy()
+
+
+def make_loss(label_smoothing: float, focal_gamma: float = 0.0):
+    """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0."""
+    if focal_gamma > 0:
+        return lambda logits, y: focal_loss(logits, y, focal_gamma, label_smoothing)
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' is CUDA when a GPU is visible, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
+    """Train every member, fit the ensemble weights on validation, save checkpoints, plots and a summary."""
+    from training.plots import plot_confusion, plot_curves
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, out = pick_device(cfg.device), Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = read_face_table(cfg.data_dir, limit=cfg.limit)
+    t0 = time.perf_counter()
+    images = load_images(table["path"].tolist(), cfg.input_size)  # (N, H, W, 3) uint8
+    print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)
+    labels = table["Label"].to_numpy()
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    mean, std = channel_stats(images[train_idx])
+    tensors = (to_nchw(images), torch.tensor(table["Gender"].to_numpy()),
+               torch.tensor(table["Race"].to_numpy()), torch.tensor(labels))
+    tensors = tuple(t.to(device) for t in tensors)  # the whole data set fits on the device
+    train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
+    val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
+    val_batches = Batches(val_set, 256, device=device)
+    loss_fn = make_loss(cfg.label_smoothing, cfg.focal_gamma)
+    members = [member_by_name(n) for n in cfg.members] if cfg.members else list(DEFAULT_MEMBERS)
+    common = {"config": to_jsonable(cfg), "input_size": cfg.input_size, "mean": mean, "std": std,
+              "data_sha256": file_sha256(Path(cfg.data_dir) / "data.csv"), "val_index": val_idx.tolist()}
+    results = []
+    for member in members:
+        checkpoint = out / f"member-{member.name}.pt"
+        model = build_member(member, cfg.input_size, mean, std).to(device, memory_format=torch.channels_last)
+        previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
+        if previous and previous.get("complete") and previous["config"] == common["config"]:
+            print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
+            model.load_state_dict(previous["state_dict"])
+        else:
+            torch.manual_seed(member.seed)
+            augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
+            train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
+                                    seed=member.seed)
+            fit(model, train_batches, val_batches, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                loss_fn=loss_fn, checkpoint=checkpoint, extra={**common, "member": asdict(member)},
+                warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
+                name=member.name)
+            previous = torch.load(checkpoint, weights_only=False)
+        val = evaluate(model, val_batches, loss_fn)
+        plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
+        plot_confusion(val["targets"], val["probs"].argmax(1), AGE_GROUPS, out / f"confusion-{member.name}.png",
+                       f"{member.name}: val accuracy {val['accuracy']:.3f}")
+        results.append({"name": member.name, "member": asdict(member), "checkpoint": checkpoint.name,
+                        "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                        "train_seconds": previous["train_seconds"], "probs": val["probs"]})
+    targets = val["targets"]
+    member_probs = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
+    weights = fit_ensemble_weights(member_probs, targets)
+    uniform = classification_metrics(member_probs.mean(0), targets)
+    fitted_probs = np.tensordot(weights, member_probs, axes=1)
+    fitted = classification_metrics(fitted_probs, targets)
+    for r, w in zip(results, weights):
+        r["weight"] = float(w)
+    plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
+                   f"ensemble: val accuracy {fitted['accuracy']:.3f}")
+    summary = {**common, "members": results, "ensemble": fitted, "uniform": uniform,
+               "train_seconds": sum(r["train_seconds"] for r in results), "preset": cfg.preset,
+               "epochs": cfg.epochs}
+    torch.save(summary, out / "ensemble.pt")
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_index"}, indent=2))
+    print_summary(results, fitted, uniform)
+    return summary
+
+
+def print_summary(results: list[dict], fitted: dict, uniform: dict) -> None:
+    print(f"\n{'model':<22}{'weight':>8}{'val acc':>9}{'val F1':>8}")
+    for r in results:
+        print(f"{r['name']:<22}{r['weight']:>8.3f}{r['val_accuracy']:>9.4f}{r['val_macro_f1']:>8.4f}")
+    print(f"{'ensemble (uniform)':<22}{'':>8}{uniform['accuracy']:>9.4f}{uniform['macro_f1']:>8.4f}")
+    print(f"{'ensemble (fitted)':<22}{'':>8}{fitted['accuracy']:>9.4f}{fitted['macro_f1']:>8.4f}", flush=True)
+
+
+def train_stl10(cfg: Stl10TrainConfig) -> dict:
+    """Train the STL-10 MLP on the official training split with a stratified validation hold-out."""
+    from training.plots import plot_confusion, plot_curves
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device, out = pick_device(cfg.device), Path(cfg.out_dir)
+    images, labels = read_stl10(cfg.data_dir, "train")
+    if cfg.limit:
+        images, labels = images[:cfg.limit], labels[:cfg.limit]
+    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    mean, std = channel_stats(images[train_idx])
+    tensors = tuple(t.to(device) for t in (to_nchw(images), torch.from_numpy(labels)))
+    train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
+    val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
+    out.mkdir(parents=True, exist_ok=True)
+    model = Stl10MLP(cfg.hidden, cfg.dropout, len(STL10_CLASSES), mean=mean, std=std).to(device)
+    augment = AUGMENT_PRESETS["stl10"]() if cfg.augment else None
+    loss_fn = make_loss(cfg.label_smoothing)
+    checkpoint = out / "stl10_mlp.pt"
+    extra = {"config": to_jsonable(cfg), "input_size": 96, "mean": mean, "std": std,
+             "hidden": list(cfg.hidden), "dropout": cfg.dropout}
+    best = fit(model, Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device),
+               Batches(val_set, 512, device=device), epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+               loss_fn=loss_fn, checkpoint=checkpoint, extra=extra, lr_step=cfg.lr_step, patience=cfg.patience,
+               name="stl10-mlp")
+    val = evaluate(model, Batches(val_set, 512, device=device), loss_fn)
+    saved = torch.load(checkpoint, weights_only=False)
+    plot_curves(saved["history"], out / "curves-stl10_mlp.png", "stl10 mlp")
+    plot_confusion(val["targets"], val["probs"].argmax(1), STL10_CLASSES, out / "confusion-stl10_mlp.png",
+                   f"stl10 mlp: val accuracy {val['accuracy']:.3f}")
+    print(f"stl10 mlp: best epoch {best['epoch']} val accuracy {val['accuracy']:.4f} "
+          f"macro-F1 {val['macro_f1']:.4f}", flush=True)
+    return {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "checkpoint": str(checkpoint)}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="agegroup-train", description=__doc__.split("\n")[0])
+    tasks = parser.add_subparsers(dest="task", required=True, parser_class=ArgumentParser)
+    age = tasks.add_parser("age", help="train the age-group CNN ensemble on a faces folder")
+    add_config_arguments(age, AgeTrainConfig, AGE_PRESETS)
+    stl = tasks.add_parser("stl10", help="train the STL-10 MLP on an stl10_binary folder")
+    add_config_arguments(stl, Stl10TrainConfig, STL10_PRESETS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.task == "age":
+            cfg = config_from_args(args, AgeTrainConfig, AGE_PRESETS)
+            if cfg.members:
+                [member_by_name(n) for n in cfg.members]
+            train_age_ensemble(cfg)
+        else:
+            train_stl10(config_from_args(args, Stl10TrainConfig, STL10_PRESETS))
+    except (DataError, ValueError) as exc:
+        fail("agegroup-train", str(exc), 2)
+
+
+if __name__ == "__main__":
+    main()
