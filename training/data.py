@@ -1,6 +1,6 @@
 """Data: the face CSV data set, the STL-10 binary reader, the validation split and augmentation presets.
 
-    python -c "from training.data import read_face_table; print(read_face_table('../shared/data/faces'))"
+    python -c "from training.data import read_stl10; print(read_stl10('/data/stl10', 'train')[0].shape)"
 """
 
 from __future__ import annotations
@@ -11,54 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 from serving.image import InputError, prepare_image
-from training.config import AGE_GROUPS, RACES, STL10_CLASSES
+from serving.table import DataError
+from training.config import STL10_CLASSES
 
-FACE_COLUMNS = ("Image", "Gender", "Race")  # every face CSV has these; data.csv adds Label
 STL10_SIDE = 96
 STL10_IMAGE_BYTES = 3 * STL10_SIDE * STL10_SIDE
-
-
-class DataError(RuntimeError):
-    """A data folder or file that cannot be used; the message names the file and the problem."""
-
-
-def read_face_table(data_dir: str | Path, csv_name: str = "data.csv", labelled: bool = True,
-                    limit: int = 0) -> pd.DataFrame:
-    """Read and validate a face CSV: required columns, value ranges and image files that exist."""
-    path = Path(data_dir) / csv_name
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    required = FACE_COLUMNS + (("Label",) if labelled else ())
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}")
-    if limit:
-        table = table.head(limit)
-    if table.empty:
-        raise DataError(f"{path}: no rows")
-    ranges = {"Gender": 2, "Race": len(RACES)} | ({"Label": len(AGE_GROUPS)} if labelled else {})
-    for column, count in ranges.items():
-        values = pd.to_numeric(table[column], errors="coerce")
-        bad = table.index[values.isna() | (values % 1 != 0) | (values < 0) | (values >= count)]
-        if len(bad):
-            raise DataError(f"{path}: column {column} must be an integer 0-{count - 1}; bad rows {_rows(bad)}")
-        table[column] = values.astype(np.int64)
-    files = [Path(data_dir) / str(p) for p in table["Image"]]
-    absent = table.index[[not f.is_file() for f in files]]
-    if len(absent):
-        raise DataError(f"{path}: image file not found for rows {_rows(absent)} (e.g. {files[absent[0]]})")
-    table["path"] = [str(f) for f in files]
-    return table
 
 
 def load_images(paths: list[str], size: int, threads: int = 0) -> np.ndarray:
@@ -158,12 +120,5 @@ def read_stl10(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{y_path}: {len(labels)} labels for {len(images)} images in {x_path.name}")
     bad = np.flatnonzero((labels < 1) | (labels > len(STL10_CLASSES)))
     if len(bad):
-        raise DataError(f"{y_path}: labels must be 1-{len(STL10_CLASSES)}; bad at positions {_rows(bad)}")
+        raise DataError(f"{y_path}: labels must be 1-{len(STL10_CLASSES)}; bad at positions {list(bad[:10])}")
     return np.ascontiguousarray(images), labels - 1
-
-
-def _rows(index, shown: int = 10) -> str:
-    """A short list of row numbers for an error message."""
-    index = list(index)
-    more = f" and {len(index) - shown} more" if len(index) > shown else ""
-    return ", ".join(str(i) for i in index[:shown]) + more

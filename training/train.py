@@ -22,9 +22,10 @@ from serving.cli import ArgumentParser, fail
 from training.config import (AGE_GROUPS, AGE_PRESETS, DEFAULT_MEMBERS, STL10_CLASSES, STL10_PRESETS,
                              AgeTrainConfig, Stl10TrainConfig, add_config_arguments, config_from_args,
                              member_by_name, to_jsonable)
-from training.data import (AUGMENT_PRESETS, Batches, DataError, channel_stats, load_images, read_face_table,
-                           read_stl10, stratified_split, to_nchw)
-from training.models import AgeEnsemble, Stl10MLP, build_member, focal_loss
+from serving.table import read_face_table
+from training.data import (AUGMENT_PRESETS, Batches, DataError, channel_stats, load_images, read_stl10,
+                           stratified_split, to_nchw)
+from training.models import Stl10MLP, build_member, focal_loss
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
@@ -153,7 +154,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device, out = pick_device(cfg.device), Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = read_face_table(cfg.data_dir, limit=cfg.limit)
+    table = read_face_table(Path(cfg.data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=cfg.limit)
     t0 = time.perf_counter()
     images = load_images(table["path"].tolist(), cfg.input_size)  # (N, H, W, 3) uint8
     print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)

@@ -1,0 +1,63 @@
+"""Read and validate a face CSV (Image, Gender, Race[, Label]); shared by batch scoring and training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from serving.runtime import GENDER_NAMES, RACE_NAMES
+
+FACE_COLUMNS = ("Image", "Gender", "Race")
+
+
+class DataError(RuntimeError):
+    """A data folder or file that cannot be used; the message names the file, the rows and the problem."""
+
+
+def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
+                    labels: int = 0, limit: int = 0) -> pd.DataFrame:
+    """Columns, integer ranges and image files, all checked; adds a `path` column of absolute image paths.
+
+    `labels` > 0 also requires a Label column with values 0..labels-1. Images are relative to
+    `images_root` (default: the CSV's folder).
+    """
+    path = Path(csv_path)
+    root = Path(images_root) if images_root is not None else path.parent
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, dtype={"Image": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    required = FACE_COLUMNS + (("Label",) if labels else ())
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}")
+    if limit:
+        table = table.head(limit).copy()
+    if table.empty:
+        raise DataError(f"{path}: no rows")
+    ranges = {"Gender": len(GENDER_NAMES), "Race": len(RACE_NAMES)} | ({"Label": labels} if labels else {})
+    for column, count in ranges.items():
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = table.index[values.isna() | (values % 1 != 0) | (values < 0) | (values >= count)]
+        if len(bad):
+            raise DataError(f"{path}: column {column} must be an integer 0-{count - 1}; bad at {rows(bad)}")
+        table[column] = values.astype(np.int64)
+    if table["Image"].isna().any():
+        raise DataError(f"{path}: empty Image value at {rows(table.index[table['Image'].isna()])}")
+    files = [root / p for p in table["Image"]]
+    absent = table.index[[not f.is_file() for f in files]]
+    if len(absent):
+        raise DataError(f"{path}: image file not found at {rows(absent)} (first: {files[absent[0]]})")
+    table["path"] = [str(f) for f in files]
+    return table
+
+
+def rows(index, shown: int = 10) -> str:
+    """Data rows for an error message, numbered as a spreadsheet shows them (header = line 1)."""
+    lines = [int(i) + 2 for i in index]
+    more = f" and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "line " + ", ".join(map(str, lines[:shown])) + more

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from serving.batch import main, score_csv
+
+
+def test_round_trip_every_row_in_order(face_dir, tiny_export, tmp_path):
+    out = tmp_path / "submission.csv"
+    written = score_csv(face_dir / "testdata.csv", out, model_path=tiny_export / "age_ensemble.onnx",
+                        with_probabilities=True, chunk_size=5, workers=2, progress=False)
+    source = pd.read_csv(face_dir / "testdata.csv")
+    result = pd.read_csv(out)
+    assert list(result.columns[:2]) == ["Id", "Category"] and len(result) == len(source) == len(written)
+    assert result["Id"].tolist() == source["Image"].tolist()
+    assert result["Category"].between(0, 4).all()
+    probs = result[[c for c in result.columns if c.startswith("p_")]]
+    assert probs.shape[1] == 5 and ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
+    assert (probs.to_numpy().argmax(1) == result["Category"].to_numpy()).all()
+    chunked = score_csv(face_dir / "testdata.csv", tmp_path / "again.csv",
+                        model_path=tiny_export / "age_ensemble.onnx", chunk_size=256, progress=False)
+    assert chunked["Category"].tolist() == result["Category"].tolist()  # chunking does not change results
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.drop(columns=["Race"]), "missing column(s) Race"),
+    (lambda t: t.assign(Gender=[2] + [0] * (len(t) - 1)), "Gender must be an integer 0-1; bad at line 2"),
+    (lambda t: t.assign(Race=["x"] * len(t)), "Race must be an integer 0-4"),
+    (lambda t: t.assign(Image=["images/missing.jpg"] + t["Image"].tolist()[1:]), "not found at line 2"),
+    (lambda t: t.assign(Image=["images/broken.jpg"] * len(t)), "could not be decoded"),
+])
+def test_bad_csv_exits_with_one_line_and_writes_nothing(face_dir, tiny_export, tmp_path, capsys, edit, message):
+    (face_dir / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    bad = tmp_path / "bad.csv"
+    edit(pd.read_csv(face_dir / "testdata.csv")).to_csv(bad, index=False)
+    out = tmp_path / "out.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(bad), str(out), "--images-root", str(face_dir), "--model", str(tiny_export / "age_ensemble.onnx"),
+              "--no-progress"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == [bad]  # no output, no temporary file left behind
+
+
+def test_cli_entry_point_and_bad_arguments(face_dir, tiny_export, tmp_path):
+    out = tmp_path / "sub.csv"
+    ok = subprocess.run([sys.executable, "-m", "serving.batch", str(face_dir / "testdata.csv"), str(out),
+                         "--model", str(tiny_export / "age_ensemble.onnx"), "--no-progress"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert f"wrote 23 rows to {out}" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "serving.batch", "only-one-arg"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from training import export
+from training.export import AgeGraph, check_parity, example_age_inputs, export_age_ensemble, load_age_ensemble
+
+
+def test_graph_contract(tiny_export):
+    model = onnx.load(str(tiny_export / "age_ensemble.onnx"))
+    onnx.checker.check_model(model)
+    elem = onnx.TensorProto
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    outputs = {o.name: o.type.tensor_type for o in model.graph.output}
+    assert list(inputs) == ["image", "gender", "race"] and list(outputs) == ["probabilities", "label"]
+    assert inputs["image"].elem_type == elem.UINT8
+    assert inputs["gender"].elem_type == inputs["race"].elem_type == elem.INT64
+    assert outputs["probabilities"].elem_type == elem.FLOAT and outputs["label"].elem_type == elem.INT64
+    meta = json.loads((tiny_export / "age_ensemble.json").read_text())
+    h, w = meta["input_size"]
+    dims = [d.dim_param or d.dim_value for d in inputs["image"].shape.dim]
+    assert dims[1:] == [h, w, 3] and isinstance(dims[0], str)  # N is dynamic
+    assert meta["class_names"] == ["10-19", "20-29", "30-39", "40-49", "50-60"]
+    for key in ("members", "ensemble_val_accuracy", "normalization", "preset", "epochs", "training_wall_time_s",
+                "data_sha256", "opset", "versions", "created"):
+        assert key in meta
+    assert abs(sum(m["weight"] for m in meta["members"]) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("n", [1, 5, 17])
+def test_onnx_matches_pytorch(tiny_run, tiny_export, n):
+    ensemble, summary = load_age_ensemble(tiny_run)
+    graph = AgeGraph(ensemble).eval()
+    inputs = example_age_inputs(n, summary["input_size"], seed=123)
+    session = ort.InferenceSession(str(tiny_export / "age_ensemble.onnx"), providers=["CPUExecutionProvider"])
+    probs, labels = session.run(None, {k: v.numpy() for k, v in zip(["image", "gender", "race"], inputs)})
+    with torch.no_grad():
+        expected, expected_labels = graph(*inputs)
+    assert probs.shape == (n, 5) and probs.dtype == np.float32 and labels.dtype == np.int64
+    assert np.abs(probs - expected.numpy()).max() <= 1e-4
+    assert np.array_equal(labels, expected_labels.numpy())
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_failed_parity_writes_nothing(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
+    with pytest.raises(export.ExportError, match="parity failed"):
+        export_age_ensemble(tiny_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_parity_check_catches_a_wrong_graph(tiny_run, tiny_export):
+    ensemble, summary = load_age_ensemble(tiny_run)
+    with torch.no_grad():
+        ensemble.members[0].head[-1].bias[0] += 5.0  # PyTorch side no longer matches the file
+    with pytest.raises(export.ExportError):
+        check_parity(AgeGraph(ensemble).eval(), tiny_export / "age_ensemble.onnx",
+                     lambda n: example_age_inputs(n, summary["input_size"]), ["image", "gender", "race"])

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from training.config import DEFAULT_MEMBERS
+from training.models import AgeCNN, AgeEnsemble, Stl10MLP, build_member, pool_plan
+
+
+@pytest.mark.parametrize("member", [m.name for m in DEFAULT_MEMBERS])
+@pytest.mark.parametrize("size", [32, 80])
+def test_every_member_forward_shape(member, size):
+    model = build_member(member, size).eval()
+    images = torch.rand(3, 3, size, size) * 255
+    logits = model(images, torch.tensor([0, 1, 0]), torch.tensor([0, 2, 4]))
+    assert logits.shape == (3, 5)
+    assert torch.isfinite(logits).all()
+
+
+def test_members_differ_in_dropout_placement():
+    rates = {m.name: m.dropout for m in DEFAULT_MEMBERS}
+    assert len(set(rates.values())) == len(rates) >= 5
+    assert rates["drop7-0.5"][6] == 0.5 and sum(rates["drop7-0.5"]) == 0.5
+    assert rates["drop67-0.5"][5:7] == (0.5, 0.5)
+
+
+def test_full_resolution_reproduces_the_seed_feature_size():
+    model = AgeCNN(224).eval()
+    features = model.pool(model.features(model.normalize(torch.rand(1, 3, 224, 224) * 255)))
+    assert features.flatten(1).shape == (1, 256)
+    assert model.head[0].in_features == 256 + 2 + 5
+    assert sum(pool_plan(224)) == 6 and sum(pool_plan(64)) == 5
+
+
+def test_gender_and_race_change_the_prediction():
+    torch.manual_seed(0)
+    model = build_member("nodrop", 32).eval()
+    images = torch.rand(1, 3, 32, 32).repeat(2, 1, 1, 1) * 255
+    logits = model(images, torch.tensor([0, 1]), torch.tensor([0, 3]))
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_ensemble_is_weighted_average_of_softmaxes():
+    torch.manual_seed(0)
+    members = [build_member("nodrop", 32).eval(), build_member("dropall-0.1", 32).eval()]
+    ensemble = AgeEnsemble(members, [3.0, 1.0]).eval()
+    x, g, r = torch.rand(4, 3, 32, 32) * 255, torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 3])
+    expected = 0.75 * members[0](x, g, r).softmax(1) + 0.25 * members[1](x, g, r).softmax(1)
+    probs = ensemble(x, g, r)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(1), torch.ones(4))
+
+
+def test_stl10_mlp_forward_shape():
+    model = Stl10MLP((64, 32)).eval()
+    assert model(torch.rand(2, 3, 96, 96) * 255).shape == (2, 10)
+    assert len([m for m in model.mlp if isinstance(m, torch.nn.BatchNorm1d)]) == 2

@@ -1,0 +1,109 @@
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.data import BatchAugment, Batches, stratified_split, to_nchw
+from training.models import build_member
+from training.train import evaluate, fit_ensemble_weights, make_loss, train_one_epoch
+
+
+def learnable_batch(n=64, size=32, seed=0):
+    """Images whose brightness encodes the label."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 5, (n,), generator=g)
+    images = (labels.view(-1, 1, 1, 1) * 50 + torch.randint(0, 30, (n, 3, size, size), generator=g)).to(torch.uint8)
+    return images, torch.randint(0, 2, (n,), generator=g), torch.randint(0, 5, (n,), generator=g), labels
+
+
+def test_tiny_training_changes_weights_and_lowers_loss():
+    torch.manual_seed(0)
+    data = learnable_batch()
+    model = build_member("nodrop", 32)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = Batches(data, 16, shuffle=True)
+    loss_fn = make_loss(0.0)
+    first = evaluate(model, Batches(data, 64), loss_fn)["loss"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    for _ in range(8):
+        train_one_epoch(model, batches, optimizer, scheduler, loss_fn)
+    after = evaluate(model, Batches(data, 64), loss_fn)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert after["loss"] < first * 0.8, (first, after["loss"])
+
+
+def test_ensemble_weights_favour_the_better_member():
+    targets = np.arange(200) % 5
+    good = np.eye(5)[targets] * 0.8 + 0.04
+    bad = np.full((200, 5), 0.2)
+    weights = fit_ensemble_weights(np.stack([bad, good]), targets)
+    assert abs(weights.sum() - 1) < 1e-9
+    assert weights[1] > 0.9
+
+
+def test_split_is_stratified_and_fixed():
+    labels = np.repeat(np.arange(5), 40)
+    train, val = stratified_split(labels, 0.15, seed=0)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 200
+    assert np.bincount(labels[val]).tolist() == [6] * 5
+    assert np.array_equal(val, stratified_split(labels, 0.15, seed=0)[1])
+
+
+def test_augmentation_keeps_shape_and_changes_pixels_only_when_asked():
+    images = to_nchw(np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)).float()
+    torch.manual_seed(0)
+    out = BatchAugment(flip=True, degrees=10, shift=0.05)(images)
+    assert out.shape == images.shape and not torch.allclose(out, images)
+    plain = next(iter(Batches((images.to(torch.uint8), torch.zeros(4)), 4)))[0]
+    assert torch.equal(plain, images)  # no augmentation at evaluation time
+
+
+def test_training_run_writes_checkpoints_plots_and_ensemble(tiny_run):
+    saved = torch.load(tiny_run / "ensemble.pt", weights_only=False)
+    assert [m["name"] for m in saved["members"]] == ["nodrop", "drop7-0.5"]
+    assert abs(sum(m["weight"] for m in saved["members"]) - 1) < 1e-6
+    for name in ("member-nodrop.pt", "curves-nodrop.png", "confusion-nodrop.png", "confusion-ensemble.png"):
+        assert (tiny_run / name).stat().st_size > 0
+    member = torch.load(tiny_run / "member-nodrop.pt", weights_only=False)
+    assert member["config"]["input_size"] == 32 and member["complete"] and len(member["history"]) == 2
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_rejects_bad_arguments_with_one_line():
+    for args in (["age", "--epochs", "many"], ["age", "--preset", "nope"], ["bogus"]):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "error" in result.stderr
+
+
+def test_cli_help_lists_every_flag():
+    result = run_cli("age", "--help")
+    assert result.returncode == 0
+    for flag in ("--input-size", "--epochs", "--label-smoothing", "--focal-gamma", "--members", "--val-fraction"):
+        assert flag in result.stdout
+
+
+def test_cli_missing_columns_and_unreadable_images(tmp_path, face_dir):
+    table = pd.read_csv(face_dir / "data.csv")
+    broken = tmp_path / "nolabel"
+    broken.mkdir()
+    table.drop(columns=["Label"]).to_csv(broken / "data.csv", index=False)
+    result = run_cli("age", "--preset", "tiny", "--data-dir", str(broken), "--out-dir", str(tmp_path / "o1"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "missing column(s) Label" in result.stderr
+
+    unreadable = tmp_path / "unreadable"
+    (unreadable / "images").mkdir(parents=True)
+    (unreadable / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    table.head(1).assign(Image="images/bad.jpg").to_csv(unreadable / "data.csv", index=False)
+    result = run_cli("age", "--preset", "tiny", "--data-dir", str(unreadable), "--out-dir", str(tmp_path / "o2"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "bad.jpg" in result.stderr and "not an image" in result.stderr
