@@ -95,7 +95,7 @@ class Stl10TrainConfig:
     limit: int = 0
 
 
-STL10_PRESETS: dict[str, dict] = {"stl10": {}, "tiny": dict(hidden=(64, 32), epochs=3, batch_size=32)}
+STL10_PRESETS: dict[str, dict] = {"stl10": {}, "tiny": dict(hidden=(64, 32), epochs=3, batch_size=16)}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, presets: dict[str, dict]) -> None:

@@ -41,7 +41,7 @@ def conv_block(c_in: int, c_out: int, pool: bool, dropout: float) -> nn.Sequenti
     if pool:
         layers.append(nn.MaxPool2d(2))
     if dropout > 0:
-        layers.append(nn.Dropout2d(dropout))
+        layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
 
 

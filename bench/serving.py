@@ -1,0 +1,196 @@
+"""Serving speed: the running service under load (batching on vs off), ONNX Runtime vs PyTorch in-process,
+and batch scoring of a CSV. Prints tables, writes bench/results/serving.json and serving.png.
+
+    .venv/bin/python bench/serving.py --run-dir runs/cpu --csv ../shared/data/faces/testdata.csv
+
+Timings are compared as ratios within one run: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+CONCURRENCY = (1, 8, 32, 64)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def start_server(env_extra: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **env_extra}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    proc = subprocess.Popen([str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise SystemExit(f"bench/serving.py: server did not start; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def load_in_subprocess(url: str, concurrency: int, requests: int) -> dict:
+    """Run the load from a second process, so the client's CPU use is not counted as the server's."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), url, str(concurrency), str(requests)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_service(model_path: Path, requests_per_client: int, threads: int) -> dict:
+    results = {}
+    for mode, env in (("batching", {"AGEGROUP_BATCHING": "1"}), ("no batching", {"AGEGROUP_BATCHING": "0"})):
+        env |= {"AGEGROUP_THREADS": str(threads), "AGEGROUP_MODEL_DIR": str(model_path.resolve().parent)}
+        proc, url = start_server(env, RESULTS / f"serve-{mode.replace(' ', '-')}.log")
+        try:
+            load_in_subprocess(url, 4, 20)  # warm-up
+            results[mode] = [load_in_subprocess(url, c, max(40, c * requests_per_client)) for c in CONCURRENCY]
+        finally:
+            stop_server(proc)
+    return results
+
+
+def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: float = 1.5) -> list[dict]:
+    """Images per second of the same ensemble in ONNX Runtime and in PyTorch eager, per batch size."""
+    import torch
+
+    from training.export import AgeGraph, load_age_ensemble
+
+    torch.set_num_threads(threads)
+    graph = AgeGraph(load_age_ensemble(run_dir)[0]).eval()
+    model = OnnxModel(model_path, device="cpu", threads=threads)
+    rows = []
+    for n in BATCH_SIZES:
+        rng = np.random.default_rng(n)
+        images = rng.integers(0, 255, (n, model.height, model.width, 3), dtype=np.uint8)
+        gender, race = rng.integers(0, 2, n), rng.integers(0, 5, n)
+        tensors = (torch.from_numpy(images), torch.from_numpy(gender), torch.from_numpy(race))
+
+        def ort_run():
+            model.predict(images, gender, race)
+
+        def torch_run():
+            with torch.inference_mode():
+                graph(*tensors)
+
+        row = {"batch_size": n}
+        for name, fn in (("onnxruntime", ort_run), ("pytorch", torch_run)):
+            fn()
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or count < 3:
+                fn()
+                count += 1
+            row[f"{name}_images_per_s"] = n * count / (time.perf_counter() - start)
+        row["ratio"] = row["onnxruntime_images_per_s"] / row["pytorch_images_per_s"]
+        rows.append(row)
+    return rows
+
+
+def bench_batch_scoring(csv: Path, model_path: Path, tmp: Path) -> dict:
+    from serving.batch import score_csv
+
+    start = time.perf_counter()
+    written = score_csv(csv, tmp, model_path=model_path, progress=False)
+    seconds = time.perf_counter() - start
+    return {"csv": str(csv), "rows": len(written), "seconds": seconds, "rows_per_s": len(written) / seconds}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for mode, rows in results.get("service", {}).items():
+        c = [r["concurrency"] for r in rows]
+        axes[0].plot(c, [r["rps"] for r in rows], marker="o", label=mode)
+        axes[1].plot(c, [r["p99_ms"] for r in rows], marker="o", label=mode)
+    axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="service throughput")
+    axes[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="service p99 latency")
+    rows = results.get("in_process", [])
+    for engine in ("onnxruntime", "pytorch"):
+        axes[2].plot([r["batch_size"] for r in rows], [r[f"{engine}_images_per_s"] for r in rows], marker="o",
+                     label=engine)
+    axes[2].set(xscale="log", xlabel="batch size", ylabel="images/s", title="in-process ensemble")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "cpu",
+                        help="training run of the shipped model, for the PyTorch side (skipped if absent)")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR / "age_ensemble.onnx", help="exported model")
+    parser.add_argument("--csv", type=Path, default=REPO.parent / "shared" / "data" / "faces" / "testdata.csv",
+                        help="CSV to batch-score (skipped if absent)")
+    parser.add_argument("--requests-per-client", type=int, default=6, help="load per concurrency level")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime/torch threads")
+    parser.add_argument("--skip-service", action="store_true", help="in-process and CSV only")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {"cpu_count": os.cpu_count(), "threads": args.threads, "model": str(args.model)}
+
+    if (args.run_dir / "ensemble.pt").exists():
+        results["in_process"] = bench_in_process(args.run_dir, args.model, args.threads)
+        print(f"\nin-process, {args.threads} threads (images/s)")
+        print(f"{'batch':>6}{'onnxruntime':>13}{'pytorch':>10}{'ratio':>8}")
+        for r in results["in_process"]:
+            print(f"{r['batch_size']:>6}{r['onnxruntime_images_per_s']:>13.1f}{r['pytorch_images_per_s']:>10.1f}"
+                  f"{r['ratio']:>8.2f}")
+    if not args.skip_service:
+        results["service"] = bench_service(args.model, args.requests_per_client, args.threads)
+        print("\nservice over HTTP on loopback (load from a second process)")
+        print(f"{'mode':<13}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'fail':>6}")
+        for mode, rows in results["service"].items():
+            for r in rows:
+                print(f"{mode:<13}{r['concurrency']:>8}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
+                      f"{r['p99_ms']:>9.1f}{r['failures']:>6}")
+        on, off = results["service"]["batching"], results["service"]["no batching"]
+        results["batching_gain"] = {r["concurrency"]: r["rps"] / o["rps"] for r, o in zip(on, off)}
+        print("batching gain (req/s on / off): "
+              + ", ".join(f"{c} clients x{g:.2f}" for c, g in results["batching_gain"].items()))
+    if args.csv.exists():
+        results["batch_scoring"] = bench_batch_scoring(args.csv, args.model, RESULTS / "submission-bench.csv")
+        (RESULTS / "submission-bench.csv").unlink()
+        b = results["batch_scoring"]
+        print(f"\nbatch scoring {b['rows']} rows: {b['seconds']:.1f} s ({b['rows_per_s']:.0f} rows/s)")
+    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "serving.png")
+    print(f"\nwrote {RESULTS / 'serving.json'} and {RESULTS / 'serving.png'}")
+
+
+if __name__ == "__main__":
+    main()
