@@ -1,6 +1,7 @@
 """STL-10 on synthetic files written in the official binary layout (no real copy exists on these machines)."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -113,3 +114,17 @@ def test_cli_clear_errors(tmp_path):
     assert bad.returncode == 2 and "labels must be 1-10" in bad.stderr
     help_text = run("--help")
     assert help_text.returncode == 0 and "--data-dir" in help_text.stdout and "--hidden" in help_text.stdout
+
+
+def test_bench_reports_test_accuracy_or_says_why_not(stl10_run, tmp_path):
+    root, _ = stl10_run
+    export_stl10(root / "run" / "stl10_mlp.pt", tmp_path / "model")
+    write_stl10(root, "test", *learnable_stl10(n_per_class=3, seed=1))
+    bench = [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "stl10.py"), "--model", str(tmp_path / "model" / "stl10_mlp.onnx"),
+             "--out", str(tmp_path / "stl10.json")]
+    ok = subprocess.run(bench + ["--data-dir", str(root)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "course report MLP" in ok.stdout and "0.4889" in ok.stdout and (tmp_path / "stl10.json").exists()
+    missing = subprocess.run(bench + ["--data-dir", str(tmp_path / "none")], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode != 0 and "no STL-10 test data" in missing.stderr

@@ -1,0 +1,119 @@
+"""Accuracy of the shipped ensemble and of each member on the validation split, beside the seed report.
+
+    .venv/bin/python bench/accuracy.py --run-dir runs/cpu --data-dir ../shared/data/faces
+
+The split is rebuilt from the exported JSON (fraction, seed), so it is the one the weights were fitted on.
+The ensemble row is the shipped ONNX file itself, fed through the serving image code; member rows come
+from the run's PyTorch checkpoints. Prints a table; writes bench/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
+from serving.table import read_face_table  # noqa: E402
+
+# The course report behind the design, on the course's own held-out test set (not this validation split).
+SEED_REPORT = {"best single CNN": 0.686, "hand-weighted 5-model ensemble": 0.708}
+
+
+def member_probabilities(run_dir: Path, images: np.ndarray, gender: np.ndarray, race: np.ndarray) -> dict:
+    """Softmax outputs (N, 5) of every member checkpoint of a run, keyed by member name."""
+    import torch
+
+    from training.data import Batches, to_nchw
+    from training.export import load_age_ensemble
+
+    ensemble, _ = load_age_ensemble(run_dir)
+    batches = Batches((to_nchw(images), torch.from_numpy(gender), torch.from_numpy(race)), 256)
+    out = {}
+    with torch.inference_mode():
+        for name, member in zip([m["name"] for m in torch.load(run_dir / "ensemble.pt", weights_only=False)["members"]],
+                                ensemble.members):
+            out[name] = torch.cat([member(*b).softmax(1) for b in batches]).numpy()
+    return out
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = probs.argmax(1)
+    return {"accuracy": float(accuracy_score(labels, pred)),
+            "macro_f1": float(f1_score(labels, pred, average="macro"))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=MODEL_DIR / "age_ensemble.onnx", help="exported ensemble")
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "cpu",
+                        help="training run behind the model, for member rows (skipped if absent)")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "faces",
+                        help="folder with data.csv and images/")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
+    args = parser.parse_args(argv)
+    if not (args.data_dir / "data.csv").is_file():
+        raise SystemExit(f"bench/accuracy.py: {args.data_dir}/data.csv not found; pass --data-dir")
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import train_test_split
+
+    model = OnnxModel(args.model, device="cpu")
+    meta = model.metadata
+    table = read_face_table(args.data_dir / "data.csv", labels=len(model.class_names))
+    labels_all = table["Label"].to_numpy()
+    split = meta["validation"]
+    _, val = train_test_split(np.arange(len(table)), test_size=split["fraction"], random_state=split["seed"],
+                              stratify=labels_all)
+    val = np.sort(val)
+    labels, gender, race = labels_all[val], table["Gender"].to_numpy()[val], table["Race"].to_numpy()[val]
+    images = np.stack([model.prepare(p) for p in table["path"].to_numpy()[val]])  # (N, H, W, 3) uint8
+    shipped, _ = model.predict(images, gender, race)
+
+    rows = {}
+    members = {}
+    if (args.run_dir / "ensemble.pt").exists():
+        members = member_probabilities(args.run_dir, images, gender, race)
+        for name, probs in members.items():
+            rows[f"member {name}"] = metrics(probs, labels)
+        stacked = np.stack(list(members.values()))
+        rows["ensemble, uniform weights"] = metrics(stacked.mean(0), labels)
+        weights = np.array([m["weight"] for m in meta["members"]])
+        rows["ensemble, fitted weights (PyTorch)"] = metrics(np.tensordot(weights, stacked, axes=1), labels)
+    rows["ensemble, fitted weights (shipped ONNX)"] = metrics(shipped, labels)
+
+    width = max([len(k) for k in rows] + [len(k) + 28 for k in SEED_REPORT]) + 2
+    if meta.get("training", {}).get("limit"):
+        print(f"warning: the model was trained on only the first {meta['training']['limit']} rows of data.csv")
+    print(f"validation split: {len(val)} images ({split['fraction']:.0%} stratified, seed {split['seed']}), "
+          f"input {model.height}x{model.width}, preset {meta.get('preset')}")
+    print(f"{'model':<{width}}{'accuracy':>10}{'macro-F1':>10}")
+    for name, m in rows.items():
+        print(f"{name:<{width}}{m['accuracy']:>10.4f}{m['macro_f1']:>10.4f}")
+    for name, acc in SEED_REPORT.items():
+        print(f"{'seed report (its test set): ' + name:<{width}}{acc:>10.4f}{'':>10}")
+    matrix = confusion_matrix(labels, shipped.argmax(1), labels=range(len(model.class_names)))
+    print("\nconfusion matrix of the shipped ensemble (rows: true, columns: predicted)")
+    print(" " * 8 + "".join(f"{c:>8}" for c in model.class_names))
+    for name, row in zip(model.class_names, matrix):
+        print(f"{name:>8}" + "".join(f"{v:>8}" for v in row))
+    best_member = max((m["accuracy"] for k, m in rows.items() if k.startswith("member")), default=None)
+    result = {"model": str(args.model), "validation_size": int(len(val)), "rows": rows,
+              "weights": {m["name"]: m["weight"] for m in meta["members"]}, "class_names": model.class_names,
+              "confusion_matrix": matrix.tolist(), "seed_report": SEED_REPORT, "best_member_accuracy": best_member,
+              "ensemble_beats_every_member": best_member is not None and
+              rows["ensemble, fitted weights (shipped ONNX)"]["accuracy"] > best_member}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
