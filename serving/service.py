@@ -15,10 +15,21 @@ from pathlib import Path
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
+from bentoml.exceptions import (
+    BentoMLException,
+    InvalidArgument,
+    NotFound,
+    ServiceUnavailable,
+)
 
 from serving.image import MAX_UPLOAD_BYTES, InputError, prepare_image
-from serving.runtime import MODEL_DIR, OnnxModel, check_demographics, describe, read_metadata
+from serving.runtime import (
+    MODEL_DIR,
+    OnnxModel,
+    check_demographics,
+    describe,
+    read_metadata,
+)
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -45,7 +56,7 @@ class Models:
         images = np.stack([f["image"] for f in faces])  # (B, H, W, 3)
         gender, race = (np.array([f[k] for f in faces], dtype=np.int64) for k in ("gender", "race"))
         probabilities, labels = self.age.predict(images, gender, race)
-        return [{"probabilities": p, "label": int(y), "batch_size": len(faces)} for p, y in zip(probabilities, labels)]
+        return [{"probabilities": p, "label": int(y)} for p, y in zip(probabilities, labels)]
 
     @bentoml.api(batchable=BATCHING, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict_stl10(self, images: np.ndarray) -> np.ndarray:

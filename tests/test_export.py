@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from training import export
-from training.export import AgeGraph, check_parity, example_age_inputs, export_age_ensemble, load_age_ensemble
+from training.export import (
+    AgeGraph,
+    check_parity,
+    example_age_inputs,
+    export_age_ensemble,
+    load_age_ensemble,
+)
 
 
 def test_graph_contract(tiny_export):
@@ -60,3 +66,14 @@ def test_parity_check_catches_a_wrong_graph(tiny_run, tiny_export):
     with pytest.raises(export.ExportError):
         check_parity(AgeGraph(ensemble).eval(), tiny_export / "age_ensemble.onnx",
                      lambda n: example_age_inputs(n, summary["input_size"]), ["image", "gender", "race"])
+
+
+@pytest.mark.parametrize("tta_flip", [False, True])
+def test_export_parity_with_and_without_flip_averaging(tiny_run, tmp_path, tta_flip):
+    ensemble, summary = load_age_ensemble(tiny_run)
+    ensemble.tta_flip = tta_flip
+    graph, size = AgeGraph(ensemble).eval(), summary["input_size"]
+    names = ["image", "gender", "race"]
+    export.export_graph(graph, example_age_inputs(2, size), names, tmp_path / "m.onnx")
+    report = check_parity(graph, tmp_path / "m.onnx", lambda n: example_age_inputs(n, size), names)
+    assert all(r["max_abs_diff"] <= 1e-4 and r["labels_equal"] for r in report.values())

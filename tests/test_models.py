@@ -53,3 +53,13 @@ def test_stl10_mlp_forward_shape():
     model = Stl10MLP((64, 32)).eval()
     assert model(torch.rand(2, 3, 96, 96) * 255).shape == (2, 10)
     assert len([m for m in model.mlp if isinstance(m, torch.nn.BatchNorm1d)]) == 2
+
+
+def test_flip_averaging_is_mirror_invariant():
+    torch.manual_seed(0)
+    members = [build_member("nodrop", 32).eval(), build_member("drop7-0.5", 32).eval()]
+    x, g, r = torch.rand(3, 3, 32, 32) * 255, torch.tensor([0, 1, 1]), torch.tensor([4, 1, 2])
+    flipped = AgeEnsemble(members, [0.3, 0.7], tta_flip=True).eval()
+    torch.testing.assert_close(flipped(x, g, r), flipped(x.flip(3), g, r))
+    plain = AgeEnsemble(members, [0.3, 0.7]).eval()
+    torch.testing.assert_close(flipped(x, g, r), 0.5 * (plain(x, g, r) + plain(x.flip(3), g, r)))

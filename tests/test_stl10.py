@@ -1,8 +1,8 @@
 """STL-10 on synthetic files written in the official binary layout (no real copy exists on these machines)."""
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort

@@ -158,5 +158,9 @@ def member_by_name(name: str) -> MemberConfig:
     for member in DEFAULT_MEMBERS:
         if member.name == name:
             return member
-    raise ValueError(f"unknown member {name!r}; choose from {[m.name for m in DEFAULT_MEMBERS]}")
+    raise UnknownMember(f"unknown member {name!r}; choose from {', '.join(m.name for m in DEFAULT_MEMBERS)}")
+
+
+class UnknownMember(ValueError):
+    """A member name that is not in DEFAULT_MEMBERS."""
 

@@ -71,8 +71,8 @@ def load_age_ensemble(run_dir: str | Path) -> tuple[AgeEnsemble, dict]:
         model = build_member(entry["name"], summary["input_size"], summary["mean"], summary["std"])
         model.load_state_dict(checkpoint["state_dict"])
         members.append(model)
-    ensemble = AgeEnsemble(members, [m["weight"] for m in summary["members"]]).eval()
-    return ensemble, summary
+    ensemble = AgeEnsemble(members, [m["weight"] for m in summary["members"]], summary.get("tta_flip", False))
+    return ensemble.eval(), summary
 
 
 def example_age_inputs(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -156,6 +156,9 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
             "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
             "ensemble_val_macro_f1": summary["ensemble"]["macro_f1"],
             "uniform_weights_val_accuracy": summary["uniform"]["accuracy"],
+            "test_time_augmentation": "mean over the image and its horizontal mirror" if ensemble.tta_flip
+            else "none",
+            "fitted_without_flip_val_accuracy": summary.get("fitted_without_flip", summary["ensemble"])["accuracy"],
             "validation": {"fraction": config["val_fraction"], "seed": config["split_seed"],
                            "size": len(summary["val_index"]), "stratified_by": "Label"},
             "preset": summary["preset"], "epochs": summary["epochs"], "training": config,

@@ -91,16 +91,24 @@ class AgeCNN(nn.Module):
 
 
 class AgeEnsemble(nn.Module):
-    """Weighted average of the members' softmax outputs."""
+    """Weighted average of the members' softmax outputs, optionally also over the mirrored image."""
 
-    def __init__(self, members: list[AgeCNN], weights: list[float] | None = None):
+    def __init__(self, members: list[AgeCNN], weights: list[float] | None = None, tta_flip: bool = False):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.tta_flip = tta_flip  # average each member over the image and its horizontal mirror
         w = torch.ones(len(members)) if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("weights", w / w.sum())
 
-    def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
+    def member_probs(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([m(images, gender, race).softmax(dim=1) for m in self.members], dim=0)  # (M, B, 5)
+        if self.tta_flip:
+            mirrored = torch.stack([m(images.flip(3), gender, race).softmax(dim=1) for m in self.members], dim=0)
+            probs = 0.5 * (probs + mirrored)
+        return probs
+
+    def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
+        probs = self.member_probs(images, gender, race)  # (M, B, 5)
         return (probs * self.weights.view(-1, 1, 1)).sum(dim=0)  # (B, 5)
 
 

@@ -19,12 +19,31 @@ from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
 from serving.cli import ArgumentParser, fail
-from training.config import (AGE_GROUPS, AGE_PRESETS, DEFAULT_MEMBERS, STL10_CLASSES, STL10_PRESETS,
-                             AgeTrainConfig, Stl10TrainConfig, add_config_arguments, config_from_args,
-                             member_by_name, to_jsonable)
 from serving.table import read_face_table
-from training.data import (AUGMENT_PRESETS, Batches, DataError, channel_stats, load_images, read_stl10,
-                           stratified_split, to_nchw)
+from training.config import (
+    AGE_GROUPS,
+    AGE_PRESETS,
+    DEFAULT_MEMBERS,
+    STL10_CLASSES,
+    STL10_PRESETS,
+    AgeTrainConfig,
+    Stl10TrainConfig,
+    UnknownMember,
+    add_config_arguments,
+    config_from_args,
+    member_by_name,
+    to_jsonable,
+)
+from training.data import (
+    AUGMENT_PRESETS,
+    Batches,
+    DataError,
+    channel_stats,
+    load_images,
+    read_stl10,
+    stratified_split,
+    to_nchw,
+)
 from training.models import Stl10MLP, build_member, focal_loss
 
 
@@ -167,6 +186,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
     val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
     val_batches = Batches(val_set, 256, device=device)
+    mirrored_batches = Batches(val_set, 256, augment=lambda x: x.flip(3), device=device)  # for flip averaging
     loss_fn = make_loss(cfg.label_smoothing, cfg.focal_gamma)
     members = [member_by_name(n) for n in cfg.members] if cfg.members else list(DEFAULT_MEMBERS)
     common = {"config": to_jsonable(cfg), "input_size": cfg.input_size, "mean": mean, "std": std,
@@ -176,7 +196,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         checkpoint = out / f"member-{member.name}.pt"
         model = build_member(member, cfg.input_size, mean, std).to(device, memory_format=torch.channels_last)
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
-        if previous and previous.get("complete") and previous["config"] == common["config"]:
+        if previous and previous.get("complete") and same_recipe(previous["config"], common["config"]):
             print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
             model.load_state_dict(previous["state_dict"])
         else:
@@ -190,37 +210,65 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 name=member.name)
             previous = torch.load(checkpoint, weights_only=False)
         val = evaluate(model, val_batches, loss_fn)
+        mirrored = evaluate(model, mirrored_batches, loss_fn)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         plot_confusion(val["targets"], val["probs"].argmax(1), AGE_GROUPS, out / f"confusion-{member.name}.png",
                        f"{member.name}: val accuracy {val['accuracy']:.3f}")
         results.append({"name": member.name, "member": asdict(member), "checkpoint": checkpoint.name,
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                        "train_seconds": previous["train_seconds"], "probs": val["probs"]})
-    targets = val["targets"]
-    member_probs = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
-    weights = fit_ensemble_weights(member_probs, targets)
-    uniform = classification_metrics(member_probs.mean(0), targets)
-    fitted_probs = np.tensordot(weights, member_probs, axes=1)
-    fitted = classification_metrics(fitted_probs, targets)
+                        "train_seconds": previous["train_seconds"], "probs": val["probs"],
+                        "mirrored_probs": mirrored["probs"]})
+    targets = val_set[-1].cpu().numpy()
+    plain = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
+    flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
+    candidates = {}
+    for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
+        weights = fit_ensemble_weights(member_probs, targets)
+        probs = np.tensordot(weights, member_probs, axes=1)  # (N, 5)
+        candidates[tta_flip] = {"weights": weights, "probs": probs, "log_loss": log_loss(probs, targets),
+                                **classification_metrics(probs, targets)}
+    tta_flip = candidates[True]["log_loss"] < candidates[False]["log_loss"]  # same criterion as the weights
+    weights, fitted_probs = candidates[tta_flip]["weights"], candidates[tta_flip]["probs"]
+    fitted = {k: candidates[tta_flip][k] for k in ("accuracy", "macro_f1", "log_loss")}
+    uniform = classification_metrics(plain.mean(0), targets)
+    without_flip = {k: candidates[False][k] for k in ("accuracy", "macro_f1", "log_loss")}
     for r, w in zip(results, weights):
         r["weight"] = float(w)
     plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
-    summary = {**common, "members": results, "ensemble": fitted, "uniform": uniform,
+    summary = {**common, "members": results, "ensemble": fitted, "uniform": uniform, "tta_flip": bool(tta_flip),
+               "fitted_without_flip": without_flip,
                "train_seconds": sum(r["train_seconds"] for r in results), "preset": cfg.preset,
                "epochs": cfg.epochs}
     torch.save(summary, out / "ensemble.pt")
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_index"}, indent=2))
-    print_summary(results, fitted, uniform)
+    print_summary(results, fitted, uniform, without_flip, tta_flip)
     return summary
 
 
-def print_summary(results: list[dict], fitted: dict, uniform: dict) -> None:
-    print(f"\n{'model':<22}{'weight':>8}{'val acc':>9}{'val F1':>8}")
-    for r in results:
-        print(f"{r['name']:<22}{r['weight']:>8.3f}{r['val_accuracy']:>9.4f}{r['val_macro_f1']:>8.4f}")
-    print(f"{'ensemble (uniform)':<22}{'':>8}{uniform['accuracy']:>9.4f}{uniform['macro_f1']:>8.4f}")
-    print(f"{'ensemble (fitted)':<22}{'':>8}{fitted['accuracy']:>9.4f}{fitted['macro_f1']:>8.4f}", flush=True)
+def same_recipe(a: dict, b: dict) -> bool:
+    """Two configs train identical members (which members, threads, device and folders aside)."""
+    ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset"}
+    return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
+
+
+def print_summary(results: list[dict], fitted: dict, uniform: dict, without_flip: dict, tta_flip: bool) -> None:
+    rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
+    rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
+             ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
+    if tta_flip:
+        rows.append(("ensemble, fitted + flip", "", fitted["accuracy"], fitted["macro_f1"]))
+    print(f"\n{'model':<26}{'weight':>8}{'val acc':>9}{'val F1':>8}")
+    for name, weight, acc, f1 in rows:
+        print(f"{name:<26}{weight:>8}{acc:>9.4f}{f1:>8.4f}")
+    print(f"shipped ensemble: {'fitted + flip' if tta_flip else 'fitted'} "
+          f"(flip test-time averaging {'lowers' if tta_flip else 'does not lower'} the validation log-loss)",
+          flush=True)
+
+
+def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class."""
+    return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
 
 
 def train_stl10(cfg: Stl10TrainConfig) -> dict:
@@ -274,12 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.task == "age":
             cfg = config_from_args(args, AgeTrainConfig, AGE_PRESETS)
-            if cfg.members:
-                [member_by_name(n) for n in cfg.members]
+            for name in cfg.members:
+                member_by_name(name)
             train_age_ensemble(cfg)
         else:
             train_stl10(config_from_args(args, Stl10TrainConfig, STL10_PRESETS))
-    except (DataError, ValueError) as exc:
+    except (DataError, UnknownMember) as exc:
         fail("agegroup-train", str(exc), 2)
 
 
