@@ -47,7 +47,7 @@ def test_bento_holds_serving_and_model_only(repo_copy, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     [bento] = [p for p in (tmp_path / "bentoml" / "bentos" / "agegroup").iterdir() if p.name != "latest"]
     files = sorted(str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file())
-    assert "serving/service.py" in files and "exported/age_ensemble.onnx" in files and "exported/age_ensemble.json" in files
+    assert {"serving/service.py", "exported/age_ensemble.onnx", "exported/age_ensemble.json"} <= set(files)
     assert all(f.startswith(("serving/", "exported/")) or f == "bentofile.yaml" for f in files), files
     assert not [f for f in files if f.endswith((".jpg", ".jpeg", ".png", ".pt"))]
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

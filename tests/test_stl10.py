@@ -120,7 +120,8 @@ def test_bench_reports_test_accuracy_or_says_why_not(stl10_run, tmp_path):
     root, _ = stl10_run
     export_stl10(root / "run" / "stl10_mlp.pt", tmp_path / "model")
     write_stl10(root, "test", *learnable_stl10(n_per_class=3, seed=1))
-    bench = [sys.executable, str(Path(__file__).resolve().parent.parent / "bench" / "stl10.py"), "--model", str(tmp_path / "model" / "stl10_mlp.onnx"),
+    script = Path(__file__).resolve().parent.parent / "bench" / "stl10.py"
+    bench = [sys.executable, str(script), "--model", str(tmp_path / "model" / "stl10_mlp.onnx"),
              "--out", str(tmp_path / "stl10.json")]
     ok = subprocess.run(bench + ["--data-dir", str(root)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
