@@ -15,21 +15,10 @@ from pathlib import Path
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import (
-    BentoMLException,
-    InvalidArgument,
-    NotFound,
-    ServiceUnavailable,
-)
+from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
 
 from serving.image import MAX_UPLOAD_BYTES, InputError, prepare_image
-from serving.runtime import (
-    MODEL_DIR,
-    OnnxModel,
-    check_demographics,
-    describe,
-    read_metadata,
-)
+from serving.runtime import MODEL_DIR, OnnxModel, check_demographics, describe, read_metadata
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 

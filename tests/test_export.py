@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from training import export
-from training.export import (
-    AgeGraph,
-    check_parity,
-    example_age_inputs,
-    export_age_ensemble,
-    load_age_ensemble,
-)
+from training.export import AgeGraph, check_parity, example_age_inputs, export_age_ensemble, load_age_ensemble
 
 
 def test_graph_contract(tiny_export):
