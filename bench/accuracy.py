@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         members = [p for name, p in outputs.items() if name.startswith("member")]
         rows.update({name: metrics(p, labels) for name, p in outputs.items() if name.startswith("member")})
         rows["ensemble, uniform weights, no flip"] = metrics(np.mean(members, axis=0), labels)
-        rows["ensemble, fitted weights, no flip"] = {
-            "accuracy": meta["fitted_without_flip_val_accuracy"], "macro_f1": None}  # from training
+        for flip in ("without", "with"):  # both candidates, as training measured them
+            if meta.get(f"fitted_{flip}_flip_val_accuracy") is not None:
+                rows[f"ensemble, fitted weights, {flip} flip (training)"] = {
+                    "accuracy": meta[f"fitted_{flip}_flip_val_accuracy"], "macro_f1": None}
         rows["ensemble as exported (PyTorch)"] = metrics(outputs["ensemble as exported (PyTorch)"], labels)
     rows[f"shipped ONNX ({'fitted + flip' if 'mirror' in meta['test_time_augmentation'] else 'fitted'})"] = \
         metrics(shipped, labels)

@@ -49,7 +49,7 @@ def test_cli_entry_point_and_bad_arguments(face_dir, tiny_export, tmp_path):
     out = tmp_path / "sub.csv"
     ok = subprocess.run([sys.executable, "-m", "serving.batch", str(face_dir / "testdata.csv"), str(out),
                          "--model", str(tiny_export / "age_ensemble.onnx"), "--no-progress"],
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert f"wrote 23 rows to {out}" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "serving.batch", "only-one-arg"], capture_output=True, text=True,

@@ -105,7 +105,7 @@ def test_export_parity_and_contract(stl10_run, tmp_path):
 def test_cli_clear_errors(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "training.train", "stl10", *args], capture_output=True,
-                              text=True, timeout=120)
+                              text=True, timeout=300)
     missing = run("--data-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o"))
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "no such file" in missing.stderr and "stl10_binary" in missing.stderr
@@ -123,9 +123,9 @@ def test_bench_reports_test_accuracy_or_says_why_not(stl10_run, tmp_path):
     script = Path(__file__).resolve().parent.parent / "bench" / "stl10.py"
     bench = [sys.executable, str(script), "--model", str(tmp_path / "model" / "stl10_mlp.onnx"),
              "--out", str(tmp_path / "stl10.json")]
-    ok = subprocess.run(bench + ["--data-dir", str(root)], capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(bench + ["--data-dir", str(root)], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "course report MLP" in ok.stdout and "0.4889" in ok.stdout and (tmp_path / "stl10.json").exists()
     missing = subprocess.run(bench + ["--data-dir", str(tmp_path / "none")], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=300)
     assert missing.returncode != 0 and "no STL-10 test data" in missing.stderr

@@ -73,7 +73,7 @@ def test_training_run_writes_checkpoints_plots_and_ensemble(tiny_run):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def test_cli_rejects_bad_arguments_with_one_line():
