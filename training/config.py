@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.runtime import GENDER_NAMES, RACE_NAMES
+
 AGE_GROUPS = ("10-19", "20-29", "30-39", "40-49", "50-60")
-GENDERS = ("male", "female")
-RACES = ("White", "Black", "Asian", "Indian", "Others")
+GENDERS, RACES = GENDER_NAMES, RACE_NAMES  # one definition, in serving (training may import serving)
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 

@@ -101,11 +101,11 @@ class AgeEnsemble(nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def member_probs(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(images, gender, race).softmax(dim=1) for m in self.members], dim=0)  # (M, B, 5)
-        if self.tta_flip:
-            mirrored = torch.stack([m(images.flip(3), gender, race).softmax(dim=1) for m in self.members], dim=0)
-            probs = 0.5 * (probs + mirrored)
-        return probs
+        def softmaxes(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([m(x, gender, race).softmax(dim=1) for m in self.members], dim=0)  # (M, B, 5)
+
+        probs = softmaxes(images)
+        return 0.5 * (probs + softmaxes(images.flip(3))) if self.tta_flip else probs
 
     def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
         probs = self.member_probs(images, gender, race)  # (M, B, 5)

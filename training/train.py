@@ -255,8 +255,8 @@ def same_recipe(a: dict, b: dict) -> bool:
 def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict, tta_flip: bool) -> None:
     rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
     rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
-             ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
-    rows.append(("ensemble, fitted + flip", "", with_flip["accuracy"], with_flip["macro_f1"]))
+             ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"]),
+             ("ensemble, fitted + flip", "", with_flip["accuracy"], with_flip["macro_f1"])]
     print(f"\n{'model':<26}{'weight':>8}{'val acc':>9}{'val F1':>8}")
     for name, weight, acc, f1 in rows:
         print(f"{name:<26}{weight:>8}{acc:>9.4f}{f1:>8.4f}")
