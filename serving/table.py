@@ -17,11 +17,11 @@ class DataError(RuntimeError):
 
 
 def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
-                    labels: int = 0, limit: int = 0) -> pd.DataFrame:
+                    labels: int = 0, limit: int = 0, ages: tuple[int, int] | None = None) -> pd.DataFrame:
     """Columns, integer ranges and image files, all checked; adds a `path` column of absolute image paths.
 
-    `labels` > 0 also requires a Label column with values 0..labels-1. Images are relative to
-    `images_root` (default: the CSV's folder).
+    `labels` > 0 also requires a Label column with values 0..labels-1; `ages` = (lowest, highest) an Age
+    column in years. Images are relative to `images_root` (default: the CSV's folder).
     """
     path = Path(csv_path)
     root = Path(images_root) if images_root is not None else path.parent
@@ -31,7 +31,7 @@ def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
         table = pd.read_csv(path, dtype={"Image": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
-    required = FACE_COLUMNS + (("Label",) if labels else ())
+    required = FACE_COLUMNS + (("Label",) if labels else ()) + (("Age",) if ages else ())
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, table.columns))}")
@@ -39,12 +39,13 @@ def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
         table = table.head(limit).copy()
     if table.empty:
         raise DataError(f"{path}: no rows")
-    ranges = {"Gender": len(GENDER_NAMES), "Race": len(RACE_NAMES)} | ({"Label": labels} if labels else {})
-    for column, count in ranges.items():
+    ranges = {"Gender": (0, len(GENDER_NAMES) - 1), "Race": (0, len(RACE_NAMES) - 1)}
+    ranges |= ({"Label": (0, labels - 1)} if labels else {}) | ({"Age": ages} if ages else {})
+    for column, (low, high) in ranges.items():
         values = pd.to_numeric(table[column], errors="coerce")
-        bad = table.index[values.isna() | (values % 1 != 0) | (values < 0) | (values >= count)]
+        bad = table.index[values.isna() | (values % 1 != 0) | (values < low) | (values > high)]
         if len(bad):
-            raise DataError(f"{path}: column {column} must be an integer 0-{count - 1}; bad at {rows(bad)}")
+            raise DataError(f"{path}: column {column} must be an integer {low}-{high}; bad at {rows(bad)}")
         table[column] = values.astype(np.int64)
     if table["Image"].isna().any():
         raise DataError(f"{path}: empty Image value at {rows(table.index[table['Image'].isna()])}")

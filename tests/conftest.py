@@ -38,7 +38,7 @@ def face_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(face_dir, tmp_path_factory) -> Path:
-    """A two-member ensemble trained for two epochs at 32 px on the synthetic faces."""
+    """A three-member ensemble (course VGG, exact-age VGG, ResNet) trained for two epochs at 32 px on synthetic faces."""
     import torch
 
     from training.config import AGE_PRESETS, AgeTrainConfig
@@ -47,7 +47,7 @@ def tiny_run(face_dir, tmp_path_factory) -> Path:
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("run")
     cfg = AgeTrainConfig(**AGE_PRESETS["tiny"], preset="tiny", data_dir=face_dir, out_dir=out,
-                         members=("nodrop", "drop7-0.5"), val_fraction=0.25)
+                         members=("nodrop", "vgg-age", "res-group"), val_fraction=0.25)
     train_age_ensemble(cfg)
     return out
 

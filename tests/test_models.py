@@ -1,8 +1,17 @@
 import pytest
 import torch
 
-from training.config import DEFAULT_MEMBERS
-from training.models import AgeCNN, AgeEnsemble, Stl10MLP, build_member, pool_plan
+from training.config import AGES, COURSE_MEMBERS, DEFAULT_MEMBERS, group_of_age
+from training.models import (
+    AgeCNN,
+    AgeEnsemble,
+    Stl10MLP,
+    age_distribution,
+    age_distribution_loss,
+    age_group_matrix,
+    build_member,
+    pool_plan,
+)
 
 
 @pytest.mark.parametrize("member", [m.name for m in DEFAULT_MEMBERS])
@@ -11,12 +20,47 @@ def test_every_member_forward_shape(member, size):
     model = build_member(member, size).eval()
     images = torch.rand(3, 3, size, size) * 255
     logits = model(images, torch.tensor([0, 1, 0]), torch.tensor([0, 2, 4]))
-    assert logits.shape == (3, 5)
+    assert logits.shape == (3, 5 if model.target == "group" else len(AGES))
     assert torch.isfinite(logits).all()
+    probs = model.group_probs(images, torch.tensor([0, 1, 0]), torch.tensor([0, 2, 4]))
+    assert probs.shape == (3, 5) and torch.allclose(probs.sum(1), torch.ones(3)) and (probs >= 0).all()
+
+
+def test_age_head_decodes_to_the_mass_of_each_groups_years():
+    model = build_member("vgg-age", 32).eval()
+    logits = torch.full((2, len(AGES)), -1e4)
+    logits[0, AGES.index(34)] = 0.0  # all mass on 34 years -> group 30-39
+    logits[1, [AGES.index(19), AGES.index(20)]] = 0.0  # half on 19, half on 20
+    torch.testing.assert_close(model.decode(logits), torch.tensor([[0, 0, 1.0, 0, 0], [0.5, 0.5, 0, 0, 0]]))
+    matrix = age_group_matrix()
+    assert matrix.shape == (len(AGES), 5) and (matrix.sum(1) == 1).all()
+    assert [group_of_age(a) for a in (10, 19, 20, 59, 60)] == [0, 0, 1, 4, 4]
+    assert matrix[:, 4].sum() == 11  # 50-60 holds eleven years
+
+
+def test_age_distribution_loss_on_a_known_distribution():
+    target = age_distribution(torch.tensor([30, 10]), sigma=2.0)
+    assert torch.allclose(target.sum(1), torch.ones(2))
+    assert target[0].argmax() == AGES.index(30) and target[1].argmax() == 0
+    assert torch.isclose(target[0, AGES.index(28)], target[0, AGES.index(32)])  # symmetric around the age
+    perfect = target.clamp_min(1e-30).log()  # logits whose softmax is the target: KL = 0
+    assert age_distribution_loss(perfect, torch.tensor([30, 10]), 2.0).abs() < 1e-5
+    uniform = torch.zeros(2, len(AGES))
+    expected = (target * (target.clamp_min(1e-30).log() - torch.log(torch.tensor(1 / len(AGES))))).sum(1).mean()
+    torch.testing.assert_close(age_distribution_loss(uniform, torch.tensor([30, 10]), 2.0), expected)
+
+
+def test_ensemble_mixes_age_and_group_members():
+    torch.manual_seed(0)
+    members = [build_member("vgg-age", 32).eval(), build_member("res-group", 32).eval()]
+    x, g, r = torch.rand(4, 3, 32, 32) * 255, torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 2, 3])
+    probs = AgeEnsemble(members, [1.0, 3.0]).eval()(x, g, r)
+    expected = 0.25 * members[0].group_probs(x, g, r) + 0.75 * members[1](x, g, r).softmax(1)
+    torch.testing.assert_close(probs, expected)
 
 
 def test_members_differ_in_dropout_placement():
-    rates = {m.name: m.dropout for m in DEFAULT_MEMBERS}
+    rates = {m.name: m.dropout for m in COURSE_MEMBERS}
     assert len(set(rates.values())) == len(rates) >= 5
     assert rates["drop7-0.5"][6] == 0.5 and sum(rates["drop7-0.5"]) == 0.5
     assert rates["drop67-0.5"][5:7] == (0.5, 0.5)

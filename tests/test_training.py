@@ -63,7 +63,7 @@ def test_augmentation_keeps_shape_and_changes_pixels_only_when_asked():
 
 def test_training_run_writes_checkpoints_plots_and_ensemble(tiny_run):
     saved = torch.load(tiny_run / "ensemble.pt", weights_only=False)
-    assert [m["name"] for m in saved["members"]] == ["nodrop", "drop7-0.5"]
+    assert [m["name"] for m in saved["members"]] == ["nodrop", "vgg-age", "res-group"]
     assert abs(sum(m["weight"] for m in saved["members"]) - 1) < 1e-6
     for name in ("member-nodrop.pt", "curves-nodrop.png", "confusion-nodrop.png", "confusion-ensemble.png"):
         assert (tiny_run / name).stat().st_size > 0
@@ -107,3 +107,31 @@ def test_cli_missing_columns_and_unreadable_images(tmp_path, face_dir):
     result = run_cli("age", "--preset", "tiny", "--data-dir", str(unreadable), "--out-dir", str(tmp_path / "o2"))
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "bad.jpg" in result.stderr and "not an image" in result.stderr
+
+
+def test_age_member_learns_from_exact_ages_and_ema_weights_are_saved(tmp_path):
+    from training.config import AgeTrainConfig
+    from training.train import fit, make_member_loss
+
+    torch.manual_seed(0)
+    images, gender, race, labels = learnable_batch(96)
+    targets = torch.stack([labels, 15 + 10 * labels], dim=1)  # (N, 2) [label, age]
+    model = build_member("vgg-age", 32)
+    loss_fn = make_member_loss(AgeTrainConfig(age_sigma=2.0), model)
+    batches = Batches((images, gender, race, targets), 16, shuffle=True)
+    first = evaluate(model, Batches((images, gender, race, targets), 96), loss_fn)
+    best = fit(model, batches, Batches((images, gender, race, targets), 96), epochs=6, lr=3e-3, weight_decay=0.0,
+               loss_fn=loss_fn, checkpoint=tmp_path / "m.pt", extra={}, ema=0.9, name="age")
+    after = evaluate(model, Batches((images, gender, race, targets), 96), loss_fn)
+    assert after["loss"] < first["loss"] and best["val_accuracy"] == after["accuracy"]
+    assert after["probs"].shape == (96, 5) and set(after) >= {"accuracy", "macro_f1", "mae"}
+
+
+def test_presets_name_existing_members():
+    from training.config import AGE_PRESETS, COURSE_MEMBERS, member_by_name
+
+    for name, preset in AGE_PRESETS.items():
+        for member in preset.get("members", ()):
+            member_by_name(member)
+    assert AGE_PRESETS["course"]["members"] == tuple(m.name for m in COURSE_MEMBERS)
+    assert len(AGE_PRESETS["cpu"]["members"]) >= 3

@@ -13,27 +13,51 @@ from pathlib import Path
 from serving.runtime import GENDER_NAMES, RACE_NAMES
 
 AGE_GROUPS = ("10-19", "20-29", "30-39", "40-49", "50-60")
+AGES = tuple(range(10, 61))  # the exact ages an "age" head scores, one class per year
 GENDERS, RACES = GENDER_NAMES, RACE_NAMES  # one definition, in serving (training may import serving)
 STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 
+def group_of_age(age: int) -> int:
+    """Age in years (10-60) -> group index 0-4; 60 belongs to 50-60."""
+    return min(max(age - 10, 0) // 10, len(AGE_GROUPS) - 1)
+
+
 @dataclass(frozen=True)
 class MemberConfig:
-    """One ensemble member: the AgeCNN design with its own dropout placement."""
+    """One ensemble member: a backbone, what its head predicts, and its own regularisation and seed."""
 
     name: str
-    dropout: tuple[float, ...] = (0.0,) * 8  # dropout rate after each of the 8 conv blocks (0 = none)
+    dropout: tuple[float, ...] = (0.0,) * 8  # vgg only: dropout rate after each of the 8 conv blocks (0 = none)
     seed: int = 0  # initialisation and shuffling seed, so members differ even when dropout does not
+    arch: str = "vgg"  # "vgg" (the course design) or "resnet" (strided stem, basic-block stages)
+    width: int = 32  # resnet only: channels of the first stage, doubled at every later stage
+    depth: tuple[int, ...] = (1, 1, 1, 1)  # resnet only: basic blocks per stage
+    target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
+    head_hidden: int = 32  # width of the head's hidden layer
+    head_dropout: float = 0.5  # dropout before the head's last layer
 
 
 # The course report's five members: 0.5 on block 7; 0.5 on blocks 6-7; 0.25 everywhere; 0.1 everywhere; none.
-DEFAULT_MEMBERS = (
+COURSE_MEMBERS = (
     MemberConfig("drop7-0.5", (0, 0, 0, 0, 0, 0, 0.5, 0), seed=1),
     MemberConfig("drop67-0.5", (0, 0, 0, 0, 0, 0.5, 0.5, 0), seed=2),
     MemberConfig("dropall-0.25", (0.25,) * 8, seed=3),
     MemberConfig("dropall-0.1", (0.1,) * 8, seed=4),
     MemberConfig("nodrop", (0.0,) * 8, seed=5),
 )
+# Members measured to do better (bench/results/experiments.md): exact-age heads, ResNet backbones, wider heads.
+NEW_MEMBERS = (
+    MemberConfig("vgg-age", seed=11, target="age", head_hidden=128, head_dropout=0.3),
+    MemberConfig("vgg-age2", seed=17, target="age", head_hidden=128, head_dropout=0.3),
+    MemberConfig("vgg-group", seed=12, head_hidden=128, head_dropout=0.3),
+    MemberConfig("res-age", seed=13, arch="resnet", target="age", head_hidden=128, head_dropout=0.3),
+    MemberConfig("res-group", seed=14, arch="resnet", head_hidden=128, head_dropout=0.3),
+    MemberConfig("res2-age", seed=15, arch="resnet", depth=(2, 2, 2, 2), target="age", head_hidden=128,
+                 head_dropout=0.3),
+    MemberConfig("res48-age", seed=16, arch="resnet", width=48, target="age", head_hidden=128, head_dropout=0.3),
+)
+DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS  # every member a preset or --members can name
 
 
 @dataclass
@@ -51,11 +75,14 @@ class AgeTrainConfig:
     weight_decay: float = 5e-4  # decoupled (AdamW) weight decay
     label_smoothing: float = 0.1  # cross-entropy label smoothing; ages are noisy labels
     focal_gamma: float = 0.0  # > 0 switches the loss to focal loss with this gamma
+    age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, this decay per step
+    group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs
     augment: bool = True  # random flip, small rotation, shift and scale on training batches only
     patience: int = 0  # stop a member after this many epochs without a better val loss (0 = never)
-    members: tuple[str, ...] = ()  # train only these member names (empty = all DEFAULT_MEMBERS)
+    members: tuple[str, ...] = ()  # the ensemble's member names (empty = the course's five members)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda"
     amp: bool = False  # bfloat16 autocast on CUDA
@@ -63,10 +90,14 @@ class AgeTrainConfig:
 
 
 AGE_PRESETS: dict[str, dict] = {
-    # 2-core CPU: measured 27 s per member epoch at 64 px, so ~42 s at 80 px: 5 members x 20 epochs ~ 75 min.
-    "cpu": dict(input_size=80, epochs=20, batch_size=64),
-    # The seed design at full resolution, for a lent GPU.
-    "gpu": dict(input_size=224, epochs=30, batch_size=64, amp=True),
+    # 2-core CPU, <= 120 min: three members that differ in backbone and target, 80 px, 40 epochs each
+    # (measured 0.69 / 0.87 / 0.69 min per epoch on 2 idle cores; bench/results/experiments.md ranks them).
+    "cpu": dict(input_size=80, epochs=40, batch_size=64, members=("vgg-age", "res-age", "vgg-group")),
+    # The course report's design as it ran before: 5 VGG members differing in dropout, 80 px, 20 epochs.
+    "course": dict(input_size=80, epochs=20, batch_size=64, members=tuple(m.name for m in COURSE_MEMBERS)),
+    # The new recipe where a GPU is lent: five members at 96 px, 40 epochs, bf16 autocast.
+    "gpu": dict(input_size=96, epochs=40, batch_size=64, amp=True,
+                members=("vgg-age", "vgg-age2", "res-age", "res2-age", "vgg-group")),
     # Seconds-long run for smoke tests.
     "tiny": dict(input_size=32, epochs=2, batch_size=16),
 }

@@ -68,7 +68,7 @@ def load_age_ensemble(run_dir: str | Path) -> tuple[AgeEnsemble, dict]:
     members = []
     for entry in summary["members"]:
         checkpoint = torch.load(run_dir / entry["checkpoint"], weights_only=False)
-        model = build_member(entry["name"], summary["input_size"], summary["mean"], summary["std"])
+        model = build_member(entry["member"], summary["input_size"], summary["mean"], summary["std"])
         model.load_state_dict(checkpoint["state_dict"])
         members.append(model)
     ensemble = AgeEnsemble(members, [m["weight"] for m in summary["members"]], summary.get("tta_flip", False))

@@ -23,7 +23,8 @@ from serving.table import read_face_table
 from training.config import (
     AGE_GROUPS,
     AGE_PRESETS,
-    DEFAULT_MEMBERS,
+    AGES,
+    COURSE_MEMBERS,
     STL10_CLASSES,
     STL10_PRESETS,
     AgeTrainConfig,
@@ -44,11 +45,14 @@ from training.data import (
     stratified_split,
     to_nchw,
 )
-from training.models import Stl10MLP, build_member, focal_loss
+from training.models import Stl10MLP, age_distribution_loss, build_member, focal_loss
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
-    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy."""
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
+                    ema=None) -> dict:
+    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy.
+
+    `ema`, an AveragedModel, is updated after every optimizer step."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
@@ -60,8 +64,10 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = F
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.item() * len(target)
-        correct += (logits.argmax(1) == target).sum().item()
+        correct += (decode(model, logits.detach().float()).argmax(1) == class_of(target)).sum().item()
         seen += len(target)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
     return {"loss": total_loss / seen, "accuracy": correct / seen}
@@ -75,28 +81,44 @@ def evaluate(model, batches, loss_fn) -> dict:
     for *inputs, target in batches:
         logits = model(*inputs).float()
         total_loss += loss_fn(logits, target).item() * len(target)
-        probs.append(logits.softmax(1).cpu())
-        targets.append(target.cpu())
+        probs.append(decode(model, logits).cpu())
+        targets.append(class_of(target).cpu())
     probs, targets = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     return {"loss": total_loss / len(targets), **classification_metrics(probs, targets),
             "probs": probs, "targets": targets}
 
 
+def decode(model, logits: torch.Tensor) -> torch.Tensor:
+    """A model's logits -> class probabilities (an age head's own decoding, else softmax)."""
+    return model.decode(logits) if hasattr(model, "decode") else logits.softmax(1)
+
+
+def class_of(target: torch.Tensor) -> torch.Tensor:
+    """The class index of a batch's targets: (B,) labels, or column 0 of (B, 2) [label, age] face targets."""
+    return target[:, 0] if target.ndim == 2 else target
+
+
 def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """Accuracy and macro-F1 of the argmax of (N, C) probabilities."""
+    """Accuracy, macro-F1 and mean absolute error in classes (groups are ordered) of the argmax of (N, C)."""
     pred = probs.argmax(1)
     return {"accuracy": float(accuracy_score(targets, pred)),
-            "macro_f1": float(f1_score(targets, pred, average="macro", zero_division=0))}
+            "macro_f1": float(f1_score(targets, pred, average="macro", zero_division=0)),
+            "mae": float(np.abs(pred - targets).mean())}
 
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model") -> dict:
+        amp: bool = False, name: str = "model", ema: float = 0.0) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights.
 
-    Saves `checkpoint` (state_dict, `extra`, metrics, history) whenever validation accuracy improves and
-    stops early after `patience` epochs without a lower validation loss. Returns the best epoch's metrics.
+    With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
+    `ema` per step, is what gets validated and saved. Saves `checkpoint` (state_dict, `extra`, metrics,
+    history) whenever validation accuracy improves and stops early after `patience` epochs without a lower
+    validation loss. Returns the best epoch's metrics.
     """
+    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        ema), use_buffers=True) if ema else None)
+    scored = averaged.module if averaged is not None else model  # what is validated and saved
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch, total = len(train_batches), epochs * len(train_batches)
     warmup = int(warmup_epochs * steps_per_epoch)
@@ -108,8 +130,9 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}")
-        val = evaluate(model, val_batches, loss_fn)
+        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
+                                averaged)
+        val = evaluate(scored, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
@@ -120,7 +143,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
               f"{'  *best' if improved else ''}  [{row['seconds']:.0f}s]", flush=True)
         if improved:
             best = row
-            torch.save({"state_dict": model.state_dict(), **extra, "metrics": best, "history": history}, checkpoint)
+            torch.save({"state_dict": scored.state_dict(), **extra, "metrics": best, "history": history}, checkpoint)
         stale = 0 if val["loss"] < best_loss else stale + 1
         best_loss = min(best_loss, val["loss"])
         if patience and stale >= patience:
@@ -148,10 +171,25 @@ def fit_ensemble_weights(member_probs: np.ndarray, targets: np.ndarray, steps: i
 
 
 def make_loss(label_smoothing: float, focal_gamma: float = 0.0):
-    """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0."""
+    """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0, on the class of the targets."""
     if focal_gamma > 0:
-        return lambda logits, y: focal_loss(logits, y, focal_gamma, label_smoothing)
-    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        return lambda logits, y: focal_loss(logits, class_of(y), focal_gamma, label_smoothing)
+    return lambda logits, y: F.cross_entropy(logits, class_of(y), label_smoothing=label_smoothing)
+
+
+def make_member_loss(cfg: AgeTrainConfig, model):
+    """The loss of one member: group cross-entropy, or for an age head the age-distribution loss
+    (plus `group_loss` x cross-entropy of its decoded groups). Targets are (B, 2) [label, age]."""
+    if getattr(model, "target", "group") == "group":
+        return make_loss(cfg.label_smoothing, cfg.focal_gamma)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        value = age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
+        if cfg.group_loss:
+            value = value + cfg.group_loss * F.nll_loss(model.decode(logits).clamp_min(1e-8).log(), y[:, 0])
+        return value
+
+    return loss
 
 
 def pick_device(name: str) -> torch.device:
@@ -173,28 +211,30 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     device, out = pick_device(cfg.device), Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = read_face_table(Path(cfg.data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=cfg.limit)
+    table = read_face_table(Path(cfg.data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=cfg.limit,
+                            ages=(AGES[0], AGES[-1]))
     t0 = time.perf_counter()
     images = load_images(table["path"].tolist(), cfg.input_size)  # (N, H, W, 3) uint8
     print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)
     labels = table["Label"].to_numpy()
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     mean, std = channel_stats(images[train_idx])
+    targets = torch.tensor(np.stack([labels, table["Age"].to_numpy()], axis=1))  # (N, 2) [label, age]
     tensors = (to_nchw(images), torch.tensor(table["Gender"].to_numpy()),
-               torch.tensor(table["Race"].to_numpy()), torch.tensor(labels))
+               torch.tensor(table["Race"].to_numpy()), targets)
     tensors = tuple(t.to(device) for t in tensors)  # the whole data set fits on the device
     train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
     val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
     val_batches = Batches(val_set, 256, device=device)
     mirrored_batches = Batches(val_set, 256, augment=lambda x: x.flip(3), device=device)  # for flip averaging
-    loss_fn = make_loss(cfg.label_smoothing, cfg.focal_gamma)
-    members = [member_by_name(n) for n in cfg.members] if cfg.members else list(DEFAULT_MEMBERS)
+    members = [member_by_name(n) for n in cfg.members] if cfg.members else list(COURSE_MEMBERS)
     common = {"config": to_jsonable(cfg), "input_size": cfg.input_size, "mean": mean, "std": std,
               "data_sha256": file_sha256(Path(cfg.data_dir) / "data.csv"), "val_index": val_idx.tolist()}
     results = []
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
         model = build_member(member, cfg.input_size, mean, std).to(device, memory_format=torch.channels_last)
+        loss_fn = make_member_loss(cfg, model)
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
         if previous and previous.get("complete") and same_recipe(previous["config"], common["config"]):
             print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
@@ -207,7 +247,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             fit(model, train_batches, val_batches, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 loss_fn=loss_fn, checkpoint=checkpoint, extra={**common, "member": asdict(member)},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name)
+                name=member.name, ema=cfg.ema)
             previous = torch.load(checkpoint, weights_only=False)
         val = evaluate(model, val_batches, loss_fn)
         mirrored = evaluate(model, mirrored_batches, loss_fn)
@@ -218,7 +258,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
                         "mirrored_probs": mirrored["probs"]})
-    targets = val_set[-1].cpu().numpy()
+    targets = class_of(val_set[-1]).cpu().numpy()
     plain = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
     flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
     candidates = {}
@@ -229,7 +269,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                                 **classification_metrics(probs, targets)}
     tta_flip = candidates[True]["accuracy"] > candidates[False]["accuracy"]  # only if it classifies better
     weights, fitted_probs = candidates[tta_flip]["weights"], candidates[tta_flip]["probs"]
-    fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "log_loss")}
+    fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "mae", "log_loss")}
                                        for f in (tta_flip, False, True))
     uniform = classification_metrics(plain.mean(0), targets)
     for r, w in zip(results, weights):

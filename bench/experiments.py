@@ -1,0 +1,179 @@
+"""Short training experiments that rank ideas for the age ensemble; every run becomes a row of the log.
+
+    python bench/experiments.py --data-dir ../shared/data/faces base-vgg vgg-age      # run two, log them
+    python bench/experiments.py --list                                                 # what can be run
+    python bench/experiments.py --render                                               # rewrite the .md only
+
+Each experiment is one `agegroup-train age` command (usually one member). Its validation accuracy,
+macro-F1, MAE in groups and wall time are merged into bench/results/experiments.json (one entry per
+run, newest kept) and the log table bench/results/experiments.md is rewritten from it. Runs may go in
+parallel (--jobs) on a GPU; on the 2-core CPU run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (what it tests, agegroup-train arguments). Epoch counts are the ones a CPU budget allows.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "base-vgg": ("course member nodrop, shipped recipe", "--members nodrop --input-size 80 --epochs 20"),
+    "base-vgg-noaug": ("course member, no augmentation, no smoothing: can it fit?",
+                       "--members nodrop --input-size 80 --epochs 20 --no-augment --label-smoothing 0"),
+    "vgg-group": ("course backbone, head 128 wide, head dropout 0.3",
+                  "--members vgg-group --input-size 80 --epochs 20"),
+    "vgg-age": ("course backbone, exact-age head (Gaussian sigma 2)", "--members vgg-age --input-size 80 --epochs 20"),
+    "vgg-age-s3": ("vgg-age, sigma 3", "--members vgg-age --input-size 80 --epochs 20 --age-sigma 3"),
+    "vgg-age-gl": ("vgg-age + group cross-entropy (weight 1)",
+                   "--members vgg-age --input-size 80 --epochs 20 --group-loss 1"),
+    "vgg-age-e40": ("vgg-age, 40 epochs", "--members vgg-age --input-size 80 --epochs 40"),
+    "vgg-age-wd": ("vgg-age, weight decay 0.05, lr 3e-3",
+                   "--members vgg-age --input-size 80 --epochs 20 --weight-decay 0.05 --lr 3e-3"),
+    "vgg-age-112": ("vgg-age at 112 px, 30 epochs", "--members vgg-age --input-size 112 --epochs 30"),
+    "res-age-64": ("ResNet 32-256 (1 block/stage), age head, 64 px, 40 epochs",
+                   "--members res-age --input-size 64 --epochs 40"),
+    "res-age-96": ("ResNet 32-256, age head, 96 px, 30 epochs", "--members res-age --input-size 96 --epochs 30"),
+    "res-group-96": ("ResNet 32-256, group head, 96 px, 30 epochs",
+                     "--members res-group --input-size 96 --epochs 30"),
+    "res-age-128": ("ResNet 32-256, age head, 128 px, 30 epochs",
+                    "--members res-age --input-size 128 --epochs 30"),
+    "res-age-96-e60": ("ResNet 32-256, age head, 96 px, 60 epochs",
+                       "--members res-age --input-size 96 --epochs 60"),
+    "res2-age-96": ("ResNet 2 blocks/stage, age head, 96 px, 30 epochs",
+                    "--members res2-age --input-size 96 --epochs 30"),
+    "res48-age-96": ("ResNet 48-384, age head, 96 px, 30 epochs",
+                     "--members res48-age --input-size 96 --epochs 30"),
+    # Round 2: the exact-age VGG with sigma 3 as the base.
+    "v3-e40": ("vgg-age, sigma 3, 40 epochs", "--members vgg-age --input-size 80 --epochs 40 --age-sigma 3"),
+    "v3-e40-ema": ("v3-e40 + weight EMA 0.998",
+                   "--members vgg-age --input-size 80 --epochs 40 --age-sigma 3 --ema 0.998"),
+    "v3-e40-lr4": ("v3-e40, lr 4e-3", "--members vgg-age --input-size 80 --epochs 40 --age-sigma 3 --lr 4e-3"),
+    "v4-e40": ("vgg-age, sigma 4, 40 epochs", "--members vgg-age --input-size 80 --epochs 40 --age-sigma 4"),
+    "v3-e60": ("vgg-age, sigma 3, 60 epochs", "--members vgg-age --input-size 80 --epochs 60 --age-sigma 3"),
+    "v3-96-e30": ("vgg-age, sigma 3, 96 px, 30 epochs",
+                  "--members vgg-age --input-size 96 --epochs 30 --age-sigma 3"),
+    "v3-64-e60": ("vgg-age, sigma 3, 64 px, 60 epochs",
+                  "--members vgg-age --input-size 64 --epochs 60 --age-sigma 3"),
+    "r3-80-e40": ("res-age, sigma 3, 80 px, 40 epochs", "--members res-age --input-size 80 --epochs 40 --age-sigma 3"),
+    "r3-64-e60": ("res-age, sigma 3, 64 px, 60 epochs", "--members res-age --input-size 64 --epochs 60 --age-sigma 3"),
+    "ens3-80-e40": ("ensemble vgg-age + vgg-age2 + res-age, sigma 3, 80 px, 40 epochs, EMA",
+                    "--members vgg-age vgg-age2 res-age --input-size 80 --epochs 40 --age-sigma 3 --ema 0.998"),
+    "ens3v-64-e50": ("ensemble vgg-age + vgg-age2 + vgg-group, 64 px, 50 epochs, EMA",
+                     "--members vgg-age vgg-age2 vgg-group --input-size 64 --epochs 50 --age-sigma 3 --ema 0.998"),
+}
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict:
+    """Train one experiment into out_dir/name and read its summary back as a log row."""
+    what, flags = EXPERIMENTS[name]
+    out = Path(args.out_dir) / name
+    command = (f"agegroup-train age --data-dir {args.data_dir} --out-dir {out} --device {args.device} "
+               f"--threads {args.threads} {flags} {args.extra}").strip()
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "train.log", "w") as log:
+        code = subprocess.call([sys.executable, "-m", "training.train", *shlex.split(command)[1:]],
+                               stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if code:
+        tail = (out / "train.log").read_text().splitlines()[-3:]
+        return {"name": name, "what": what, "command": command, "error": " | ".join(tail)}
+    summary = json.loads((out / "summary.json").read_text())
+    config = summary["config"]
+    best = max(summary["members"], key=lambda m: m["val_accuracy"])
+    return {"name": name, "what": what, "command": command, "device": args.device_label,
+            "input_size": config["input_size"], "epochs": config["epochs"], "wall_s": round(wall, 1),
+            "train_s": round(summary["train_seconds"], 1), "members": len(summary["members"]),
+            "val_accuracy": summary["fitted_without_flip"]["accuracy"],
+            "val_macro_f1": summary["fitted_without_flip"]["macro_f1"],
+            "val_mae": summary["fitted_without_flip"].get("mae"),
+            "flip_val_accuracy": summary["fitted_with_flip"]["accuracy"],
+            "best_member_accuracy": best["val_accuracy"],
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def merge(rows: list[dict], path: Path) -> list[dict]:
+    """Add rows to the JSON log (a rerun of a name on the same device replaces its row)."""
+    log = json.loads(path.read_text()) if path.exists() else []
+    keys = {(r["name"], r.get("device")) for r in rows}
+    log = [r for r in log if (r["name"], r.get("device")) not in keys] + rows
+    path.write_text(json.dumps(log, indent=2) + "\n")
+    return log
+
+
+def render(log: list[dict], path: Path) -> None:
+    """The experiment log as a Markdown table, in the order the runs were made."""
+    lines = ["# Experiment log: age-group ensemble", "",
+             "Validation: 866 images (stratified 12 % of data.csv, seed 0). One row per run, failed ideas "
+             "included; written by `bench/experiments.py` from `experiments.json`. `flip` = the same model "
+             "averaged over the image and its mirror. MAE is in groups.", "",
+             "| run | what changed | device | px | epochs | train min | val acc | flip acc | macro-F1 | MAE |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in log:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['what']} | {r.get('device', '')} | | | | failed: {r['error']} | | | |")
+            continue
+        mae = "" if r.get("val_mae") is None else f"{r['val_mae']:.3f}"  # round 1 did not record it yet
+        lines.append(f"| {r['name']} | {r['what']} | {r['device']} | {r['input_size']} | {r['epochs']} | "
+                     f"{r['train_s'] / 60:.1f} | {r['val_accuracy']:.1%} | {r['flip_val_accuracy']:.1%} | "
+                     f"{r['val_macro_f1']:.3f} | {mae} |")
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in log]
+    for note in (r.get("note") for r in log):
+        if note:
+            lines.append(note)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("names", nargs="*", help="experiments to run (see --list)")
+    parser.add_argument("--data-dir", default="../shared/data/faces", help="folder holding data.csv and images/")
+    parser.add_argument("--out-dir", default="runs/experiments", help="one run folder per experiment goes here")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--device-label", default=None, help="how the log names the machine (default: --device)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch's default)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (1 on the 2-core CPU)")
+    parser.add_argument("--extra", default="", help="more agegroup-train flags for every run, e.g. '--amp'")
+    parser.add_argument("--log", type=Path, default=RESULTS / "experiments.json", help="the JSON log to merge into")
+    parser.add_argument("--list", action="store_true", help="print the experiments and exit")
+    parser.add_argument("--render", action="store_true", help="only rewrite the Markdown log from the JSON")
+    args = parser.parse_args(argv)
+    args.device_label = args.device_label or args.device
+    if args.list:
+        for name, (what, flags) in EXPERIMENTS.items():
+            print(f"{name:<16} {what}\n{'':<16} {flags}")
+        return
+    unknown = [n for n in args.names if n not in EXPERIMENTS]
+    if unknown:
+        parser.error(f"unknown experiment(s) {', '.join(unknown)}; see --list")
+    rows = []
+    if args.names:
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for row in pool.map(lambda n: run_one(n, args), args.names):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    log = merge(rows, args.log)
+    render(log, args.log.with_suffix(".md"))
+    print(f"\n{'run':<18}{'px':>4}{'ep':>4}{'min':>7}{'acc':>8}{'flip':>8}{'F1':>7}{'MAE':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<18} failed: {r['error']}")
+        else:
+            print(f"{r['name']:<18}{r['input_size']:>4}{r['epochs']:>4}{r['train_s'] / 60:>7.1f}"
+                  f"{r['val_accuracy']:>8.3f}{r['flip_val_accuracy']:>8.3f}{r['val_macro_f1']:>7.3f}"
+                  f"{r['val_mae'] or float('nan'):>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
