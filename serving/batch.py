@@ -59,23 +59,51 @@ def score_table(model: OnnxModel, table: pd.DataFrame, chunk_size: int = 256, wo
     return np.concatenate(probabilities), np.concatenate(labels)
 
 
+def output_path(out: Path, inputs: tuple[Path, ...]) -> Path:
+    """The regular file to write for `out`, checked before any work: a symlink is written through (its target
+    is replaced, the link stays); an input, a directory, a device or a path under a file is refused."""
+    target = out.resolve()  # follows symlinks, so a link to an input is caught too
+    if any(target == p.resolve() for p in inputs if p.exists()):
+        raise DataError(f"{out}: is the input CSV; choose another output file")
+    if target.exists() and not target.is_file():
+        kind = "a directory" if target.is_dir() else "not a regular file"
+        raise DataError(f"{out}: is {kind}; the output must be a regular file")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{out}: {parent} is not a directory")
+            break
+    return target
+
+
 def write_atomically(frame: pd.DataFrame, out: Path) -> None:
-    """Write the CSV to a temporary file beside `out`, then rename it into place."""
+    """Write the CSV to a temporary file beside `out`, then rename it into place.
+
+    The new file gets the mode a plain open() would give it: the old file's mode, or 0666 less the umask."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             frame.to_csv(handle, index=False)
+        os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def score_csv(csv_path: Path, out: Path, images_root: Path | None = None, model_path: Path | None = None,
               with_probabilities: bool = False, chunk_size: int = 256, workers: int = 4,
               progress: bool = True) -> pd.DataFrame:
-    """Validate the CSV, score every row and write the submission; returns what was written."""
+    """Validate the CSV and the output path, score every row and write the submission; returns what was written."""
+    out = output_path(out, (csv_path,))
     table = read_face_table(csv_path, images_root)
     model = OnnxModel(model_path or MODEL_DIR / "age_ensemble.onnx")
     probabilities, labels = score_table(model, table, chunk_size, workers, progress)
@@ -111,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
                             args.chunk_size, args.workers, progress=not args.no_progress)
     except DataError as exc:
         fail("agegroup-score", str(exc), 1)
+    except OSError as exc:
+        fail("agegroup-score", f"{exc.filename or args.out}: {exc.strerror or exc}", 1)
+    except KeyboardInterrupt:
+        fail("agegroup-score", f"interrupted; {args.out} was not written", 130)
     print(f"wrote {len(written)} rows to {args.out} in {time.perf_counter() - start:.1f}s")
 
 

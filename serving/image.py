@@ -5,8 +5,12 @@ Training imports this too, so the model is trained on exactly the pixels the ser
 
 from __future__ import annotations
 
+import ctypes
 import io
+import sys
+import threading
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +18,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # larger uploads are refused before decoding
 MAX_PIXELS = 40_000_000  # width x height above this is refused as a possible decompression bomb
+LARGE_PIXELS = 4_000_000  # images this large (after JPEG draft scaling) are decoded one at a time
+DRAFT_FACTOR = 4  # JPEGs over this many times the target size are decoded at reduced scale (libjpeg DCT)
+_large_decode = threading.BoundedSemaphore(1)  # bounds memory: one large decode at a time per process
 
 
 class InputError(ValueError):
     """Input that cannot be scored; the message says what is wrong and is safe to show a client."""
 
 
-def prepare_image(source: bytes | str | Path, size: int | tuple[int, int]) -> np.ndarray:
+def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[int, int]) -> np.ndarray:
     """Decode, apply EXIF orientation, convert to RGB and resize bilinear to (height, width, 3) uint8.
 
-    `size` is a side in pixels or (width, height), as Pillow takes it.
+    `source` is encoded bytes, a file path, or an opened (not yet loaded) Pillow image.
+    `size` is a side in pixels or (width, height), as Pillow takes it. A JPEG over DRAFT_FACTOR times
+    the target size is decoded at a reduced DCT scale (still at least that large) to save memory and time.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
-    if isinstance(source, (bytes, bytearray)):
+    if isinstance(source, Image.Image):
+        stream = source
+    elif isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise InputError("the image file is empty")
         if len(source) > MAX_UPLOAD_BYTES:
@@ -37,12 +48,20 @@ def prepare_image(source: bytes | str | Path, size: int | tuple[int, int]) -> np
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as im:
+            with (stream if isinstance(stream, Image.Image) else Image.open(stream)) as im:
                 width, height = im.size
                 if width * height > MAX_PIXELS:
                     raise InputError(f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
-                im.load()
-                rgb = to_rgb(ImageOps.exif_transpose(im))
+                if im.format == "JPEG":
+                    im.draft(im.mode, (size[0] * DRAFT_FACTOR, size[1] * DRAFT_FACTOR))
+                large = im.size[0] * im.size[1] > LARGE_PIXELS
+                with _large_decode if large else nullcontext():
+                    im.load()
+                    im = reduce_large(im, size)
+                    pixels = np.asarray(to_rgb(ImageOps.exif_transpose(im)).resize(size, Image.BILINEAR),
+                                        dtype=np.uint8)
+                if large:
+                    release_memory()
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -51,7 +70,25 @@ def prepare_image(source: bytes | str | Path, size: int | tuple[int, int]) -> np
         raise InputError("the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"the image could not be decoded ({exc}); is it truncated or corrupt?") from None
-    return np.asarray(rgb.resize(size, Image.BILINEAR), dtype=np.uint8)
+    return pixels
+
+
+def reduce_large(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """An image over DRAFT_FACTOR times the target size, box-reduced to at least that (the one full-size
+    copy is the decoded one); smaller images, such as the 200 px training faces, are returned untouched."""
+    factor = min(im.size[0] // (size[0] * DRAFT_FACTOR), im.size[1] // (size[1] * DRAFT_FACTOR))
+    if factor < 2 or im.mode in ("P", "1"):
+        return im
+    return im.reduce(factor)
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS after a large decode (glibc keeps them otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

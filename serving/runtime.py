@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -101,12 +102,34 @@ def read_metadata(onnx_path: str | Path) -> dict:
     return json.loads(Path(onnx_path).with_suffix(".json").read_text())
 
 
+_summaries: dict[Path, dict] = {}
+
+
+def model_summary(onnx_path: str | Path) -> dict:
+    """What GET /model shows: version (sha256 of the .onnx), input size, classes, members and weights,
+    validation accuracy and creation time. Computed once per process."""
+    path = Path(onnx_path)
+    if path not in _summaries:
+        meta = read_metadata(path)
+        _summaries[path] = {
+            "version": "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
+            "file": path.name, "input_size": meta["input_size"], "class_names": meta["class_names"],
+            "members": [{k: m.get(k) for k in ("name", "weight", "val_accuracy")} for m in meta.get("members", [])],
+            "test_time_augmentation": meta.get("test_time_augmentation"),
+            "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
+            "preset": meta.get("preset"), "created": meta.get("created"),
+        }
+    return _summaries[path]
+
+
 def check_demographics(gender, race) -> tuple[int, int]:
     """Gender 0/1 and race 0-4 as ints, or InputError saying which value is wrong."""
     checked = []
     for field, value, names in (("gender", gender, GENDER_NAMES), ("race", race, RACE_NAMES)):
         choices = ", ".join(f"{i} {n}" for i, n in enumerate(names))
         try:
+            if isinstance(value, bool):
+                raise TypeError("a boolean is not a number")
             number = int(value)
             ok = number == float(value) and 0 <= number < len(names)
         except (TypeError, ValueError, OverflowError):

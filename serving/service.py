@@ -2,6 +2,9 @@
 
     bentoml serve                      # from the repo root; bentofile.yaml names serving.service:AgeGroup
     curl -F image=@face.jpg -F gender=1 -F race=0 http://localhost:3000/predict
+    curl http://localhost:3000/model   # the shipped model's version and metadata
+
+Uploads pass serving/guard.py first, so every client mistake is one JSON 4xx: {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -9,16 +12,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from http import HTTPStatus
-from pathlib import Path
+import time
+from typing import Annotated
 
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument, NotFound, ServiceUnavailable
+from PIL.Image import Image
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route as HttpRoute
 
-from serving.image import MAX_UPLOAD_BYTES, InputError, prepare_image
-from serving.runtime import MODEL_DIR, OnnxModel, check_demographics, describe, read_metadata
+from serving.guard import Route, UploadGuard
+from serving.image import InputError, prepare_image
+from serving.lifecycle import exit_with_parent
+from serving.runtime import (
+    GENDER_NAMES,
+    MODEL_DIR,
+    RACE_NAMES,
+    OnnxModel,
+    describe,
+    model_summary,
+    read_metadata,
+)
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -38,6 +55,7 @@ class Models:
     """The ONNX sessions; concurrent requests are grouped into one onnxruntime run per method."""
 
     def __init__(self) -> None:
+        exit_with_parent()
         self.age = OnnxModel(AGE_MODEL)
         self.stl10 = OnnxModel(STL10_MODEL) if STL10_MODEL.exists() else None
 
@@ -56,41 +74,95 @@ class Models:
         return probabilities
 
 
-@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 512})
+Gender = Annotated[int, Field(ge=0, le=len(GENDER_NAMES) - 1, description="0 male, 1 female")]
+Race = Annotated[int, Field(ge=0, le=len(RACE_NAMES) - 1, description="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others")]
+UPLOAD_ROUTES = {"/predict": Route("image", {"gender": (0, len(GENDER_NAMES) - 1), "race": (0, len(RACE_NAMES) - 1)}),
+                 "/classify_image": Route("image", {})}
+READY_PROBE_S = 2.0  # /readyz re-asks Models at most this often and answers from the last result meanwhile
+
+
+async def model_info(_request) -> JSONResponse:
+    """GET /model: the shipped model's version (sha256 of the graph) and what it was trained and validated as."""
+    return JSONResponse(model_summary(AGE_MODEL))
+
+
+# GET routes beside BentoML's (its APIs are POST); mounted so that they match only these paths.
+info_app = Starlette(routes=[HttpRoute("/model", model_info, methods=["GET"])])
+
+
+@bentoml.asgi_app(info_app, path="/")
+@bentoml.service(workers=1, traffic={"timeout": 60, "max_concurrency": 512}, runner_probe={"enabled": False})
 class AgeGroup:
     """POST a face photo with gender and race; get its age group and the five probabilities."""
 
     models = bentoml.depends(Models)
 
     def __init__(self) -> None:
+        exit_with_parent()
         self.age_meta = read_metadata(AGE_MODEL)
+        self.version = model_summary(AGE_MODEL)["version"]
         self.stl10_meta = read_metadata(STL10_MODEL) if STL10_MODEL.exists() else None
+        self.models_ready, self.probed_at, self.probe = False, 0.0, None
         if self.stl10_meta is None:
             log.info("no STL-10 model at %s: /classify_image answers 404 until one is exported", STL10_MODEL)
 
-    @bentoml.api(route="/predict")
-    async def predict(self, image: Path, gender: int, race: int) -> dict:
-        """The age group (10-19 ... 50-60) of the face in `image`; gender 0 male, 1 female; race 0-4."""
+    async def __is_ready__(self) -> bool:
+        """Ready once Models has answered a probe. Probes run in the background at most every READY_PROBE_S,
+        so /readyz answers at once from the last result, however busy the server is."""
+        if time.monotonic() - self.probed_at > READY_PROBE_S and (self.probe is None or self.probe.done()):
+            self.probed_at = time.monotonic()
+            self.probe = asyncio.create_task(self.probe_models())
+        return self.models_ready
+
+    async def probe_models(self) -> None:
         try:
-            gender, race = check_demographics(gender, race)
-            pixels = await asyncio.to_thread(decode_upload, image, self.age_meta["input_size"])
+            self.models_ready = bool(await self.models.is_ready(5))
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError, RuntimeError):
+            self.models_ready = False
+
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Image, gender: Gender, race: Race) -> dict:
+        """The age group (10-19 ... 50-60) of the face in `image`; gender 0 male, 1 female; race 0-4.
+
+        Errors: 4xx with {"error": "what is wrong"}; 503 with the same shape while the model is unavailable."""
+        try:
+            pixels = await asyncio.to_thread(prepare_image, image, input_size(self.age_meta))
         except InputError as exc:
-            raise InvalidArgument(str(exc)) from None
-        [result] = await call_models(self.models.to_async.predict_age,
-                                     [{"image": pixels, "gender": gender, "race": race}])
-        return describe(self.age_meta["class_names"], result["probabilities"], result["label"], "age_group")
+            return error(400, str(exc))
+        result = await call_models(self.models.to_async.predict_age,
+                                   [{"image": pixels, "gender": gender, "race": race}])
+        if isinstance(result, JSONResponse):
+            return result
+        answer = describe(self.age_meta["class_names"], result[0]["probabilities"], result[0]["label"], "age_group")
+        return JSONResponse({**answer, "model_version": self.version}, headers={"X-Model-Version": self.version})
 
     @bentoml.api(route="/classify_image")
-    async def classify_image(self, image: Path) -> dict:
+    async def classify_image(self, image: Image) -> dict:
         """The STL-10 class of `image` (airplane, bird, ... truck), when an STL-10 model is shipped."""
         if self.stl10_meta is None:
-            raise NotFound(f"no STL-10 model is shipped: export one to {STL10_MODEL}")
+            return error(404, f"no STL-10 model is shipped: export one to {STL10_MODEL}")
         try:
-            pixels = await asyncio.to_thread(decode_upload, image, self.stl10_meta["input_size"])
+            pixels = await asyncio.to_thread(prepare_image, image, input_size(self.stl10_meta))
         except InputError as exc:
-            raise InvalidArgument(str(exc)) from None
+            return error(400, str(exc))
         probabilities = await call_models(self.models.to_async.predict_stl10, pixels[None])
+        if isinstance(probabilities, JSONResponse):
+            return probabilities
         return describe(self.stl10_meta["class_names"], probabilities[0], int(np.argmax(probabilities[0])))
+
+
+AgeGroup.add_asgi_middleware(UploadGuard, routes=UPLOAD_ROUTES)
+
+
+def error(status: int, message: str) -> JSONResponse:
+    """The API's one error shape."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def input_size(meta: dict) -> tuple[int, int]:
+    """(width, height) as Pillow takes it, from the JSON's [height, width]."""
+    height, width = meta["input_size"]
+    return width, height
 
 
 async def call_models(method, *args, attempts: int = 3):
@@ -107,14 +179,4 @@ async def call_models(method, *args, attempts: int = 3):
                 raise
             if attempt == attempts:
                 log.warning("model service unreachable after %d attempts: %s", attempts, exc)
-                raise ServiceUnavailable("the model service is unavailable; try again shortly") from None
-
-
-def decode_upload(path: Path, input_size: list[int]) -> np.ndarray:
-    """An uploaded file to the model's uint8 (H, W, 3); refuses oversize uploads with HTTP 413."""
-    size = path.stat().st_size
-    if size > MAX_UPLOAD_BYTES:
-        raise BentoMLException(f"the upload is {size} bytes; the limit is {MAX_UPLOAD_BYTES} bytes",
-                               error_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-    height, width = input_size
-    return prepare_image(path.read_bytes(), (width, height))
+                return error(503, "the model service is unavailable; try again shortly")

@@ -55,3 +55,69 @@ def test_cli_entry_point_and_bad_arguments(face_dir, tiny_export, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "serving.batch", "only-one-arg"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def run_cli(face_dir, tiny_export, out, *extra, umask=None):
+    """agegroup-score as a subprocess on the synthetic faces; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", "serving.batch", str(face_dir / "testdata.csv"), str(out),
+                           "--model", str(tiny_export / "age_ensemble.onnx"), "--no-progress", *extra],
+                          capture_output=True, text=True, timeout=300, umask=-1 if umask is None else umask)
+
+
+def one_line_error(proc, message: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_output_equal_to_input_is_refused(face_dir, tiny_export, tmp_path):
+    source = face_dir / "testdata.csv"
+    before = source.read_bytes()
+    one_line_error(run_cli(face_dir, tiny_export, source), "is the input CSV")
+    link = tmp_path / "link.csv"
+    link.symlink_to(source)
+    one_line_error(run_cli(face_dir, tiny_export, link), "is the input CSV")
+    assert source.read_bytes() == before
+
+
+def test_non_regular_outputs_are_refused(face_dir, tiny_export, tmp_path):
+    (tmp_path / "folder").mkdir()
+    one_line_error(run_cli(face_dir, tiny_export, tmp_path / "folder"), "is a directory")
+    (tmp_path / "file").write_text("x")
+    one_line_error(run_cli(face_dir, tiny_export, tmp_path / "file" / "out.csv"), "is not a directory")
+    one_line_error(run_cli(face_dir, tiny_export, "/dev/null"), "not a regular file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_symlinked_output_is_written_through(face_dir, tiny_export, tmp_path):
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert run_cli(face_dir, tiny_export, link).returncode == 0
+    assert link.is_symlink() and target.read_text().startswith("Id,Category")
+
+
+def test_output_mode_follows_the_umask(face_dir, tiny_export, tmp_path):
+    assert run_cli(face_dir, tiny_export, tmp_path / "a.csv", umask=0o022).returncode == 0
+    assert run_cli(face_dir, tiny_export, tmp_path / "b.csv", umask=0o077).returncode == 0
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.csv").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_c_exits_130_with_one_line(face_dir, tiny_export, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out.csv"
+    code = ("import sys, time, serving.batch as b\n"
+            "b.score_csv = lambda *a, **k: time.sleep(60)\n"  # hold the run where a Ctrl-C would land
+            f"sys.argv = ['agegroup-score', {str(face_dir / 'testdata.csv')!r}, {str(out)!r}, '--model', "
+            f"{str(tiny_export / 'age_ensemble.onnx')!r}]\n"
+            "print('ready', flush=True)\nb.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    assert not out.exists()

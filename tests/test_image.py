@@ -71,3 +71,25 @@ def test_huge_images_are_refused(monkeypatch):
     monkeypatch.setattr(image_module, "MAX_UPLOAD_BYTES", 10)
     with pytest.raises(InputError, match="bytes"):
         prepare_image(encode(Image.new("RGB", (8, 8))), 16)
+
+
+def test_large_images_are_reduced_early_and_small_ones_are_untouched():
+    import io
+
+    from serving.image import prepare_image as prepare
+
+    gradient = np.linspace(0, 255, 4000, dtype=np.float64)
+    big = np.stack([np.add.outer(gradient, gradient) / 2] * 3, axis=-1).astype(np.uint8)  # (4000, 4000, 3)
+    exact = np.asarray(Image.fromarray(big).resize((80, 80), Image.BILINEAR), dtype=np.float64)
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        Image.fromarray(big).save(buffer, format=fmt)
+        fast = prepare(buffer.getvalue(), 80)
+        assert fast.shape == (80, 80, 3)
+        assert np.abs(fast - exact).mean() < 2.0, fmt  # a smooth image: reduced decoding is close to exact
+    face = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(face).save(buffer, format="JPEG")
+    with Image.open(io.BytesIO(buffer.getvalue())) as im:
+        plain = np.asarray(im.convert("RGB").resize((80, 80), Image.BILINEAR))
+    assert np.array_equal(prepare(buffer.getvalue(), 80), plain)  # training-size faces: exactly the old pixels

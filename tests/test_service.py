@@ -31,7 +31,8 @@ def free_port() -> int:
 def server(tiny_export, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")  # a file: an unread pipe would fill and block
-    env = {**os.environ, "AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1"}
+    env = {**os.environ, "AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1",
+           "AGEGROUP_BODY_TIMEOUT_S": "2"}
     bentoml = Path(sys.executable).with_name("bentoml")
     proc = subprocess.Popen([str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,7 +76,8 @@ def test_predict_returns_age_group_and_probabilities(server):
     response = post(server, jpeg())
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"age_group", "label", "probabilities"}
+    assert set(body) == {"age_group", "label", "probabilities", "model_version"}
+    assert body["model_version"].startswith("sha256:") and response.headers["X-Model-Version"] == body["model_version"]
     assert list(body["probabilities"]) == ["10-19", "20-29", "30-39", "40-49", "50-60"]
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
     assert body["age_group"] == list(body["probabilities"])[body["label"]]
@@ -100,27 +102,213 @@ BAD_REQUESTS = [
     ("race text", "jpeg", {"gender": "0", "race": "Asian"}, 400, "race"),
     ("gender fraction", "jpeg", {"gender": "0.5", "race": "1"}, 400, "gender"),
     ("missing race", "jpeg", {"gender": "1"}, 400, "race"),
-    ("missing image", None, {"gender": "1", "race": "0"}, 400, "image"),
+    ("missing image", None, {"gender": "1", "race": "0"}, 415, "multipart"),  # no file: httpx sends a plain form
+    ("missing image in multipart", b"", {"gender": "1", "race": "0", "x": "y"}, 400, "unknown field(s) x"),
+    ("gender true", "jpeg", {"gender": "true", "race": "0"}, 400, "gender must be an integer 0-1"),
+    ("race true", "jpeg", {"gender": "0", "race": "true"}, 400, "race must be an integer 0-4"),
+    ("unknown field", "jpeg", {"gender": "0", "race": "1", "age": "30"}, 400, "unknown field(s) age"),
 ]
+
+
+def assert_error(response, status: int, message: str = "") -> None:
+    """A 4xx in the API's one documented shape: {"error": "..."}."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body, dict) and list(body) == ["error"] and isinstance(body["error"], str), body
+    assert message in body["error"] and "Traceback" not in response.text
 
 
 @pytest.mark.parametrize("name, image, fields, status, message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_input_gets_a_clear_4xx(server, name, image, fields, status, message):
     payload = {"jpeg": jpeg, "huge_png": huge_png}[image]() if isinstance(image, str) else image
-    response = post(server, payload, fields)
-    assert response.status_code == status, response.text
-    assert message in response.text
-    assert "Traceback" not in response.text
+    assert_error(post(server, payload, fields), status, message)
 
 
-def test_json_body_instead_of_form_is_a_4xx(server):
-    response = httpx.post(server + "/predict", json={"gender": 1, "race": 0}, timeout=30)
-    assert 400 <= response.status_code < 500 and "Traceback" not in response.text
+def multipart(parts: list[tuple[str, str, bytes]], boundary: str = "b0undary") -> bytes:
+    """(headers of the part, name, content) -> a raw multipart body, for requests httpx would not make."""
+    chunks = [f"--{boundary}\r\n{headers}\r\n\r\n".encode() + content + b"\r\n" for headers, _, content in parts]
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+def file_part(filename: str, content: bytes) -> tuple[str, str, bytes]:
+    return f'Content-Disposition: form-data; name="image"; filename="{filename}"', "image", content
+
+
+def text_part(name: str, value: str) -> tuple[str, str, bytes]:
+    return f'Content-Disposition: form-data; name="{name}"', name, value.encode()
+
+
+DEMOGRAPHICS = [text_part("gender", "1"), text_part("race", "2")]
+RAW_BAD_REQUESTS = [  # each gave a 500 (or fetched a URL) before serving/guard.py
+    ("filename 300 bytes", "b0undary", [file_part("a" * 296 + ".jpg", jpeg())] + DEMOGRAPHICS, 200, ""),
+    ("filename 100 CJK", "b0undary", [file_part("\u4e2d" * 100 + ".jpg", jpeg())] + DEMOGRAPHICS, 200, ""),
+    ("empty filename", "b0undary", [file_part("", jpeg())] + DEMOGRAPHICS, 200, ""),
+    ("image as text", "b0undary", [text_part("image", "hello")] + DEMOGRAPHICS, 400, "must be an uploaded file"),
+    ("image as URL", "b0undary", [text_part("image", "http://127.0.0.1:9/x.jpg")] + DEMOGRAPHICS, 400,
+     "URLs are not fetched"),
+    ("image as file URL", "b0undary", [text_part("image", "file:///etc/passwd")] + DEMOGRAPHICS, 400,
+     "must be an uploaded file"),
+    ("two images", "b0undary", [file_part("a.jpg", jpeg()), file_part("b.jpg", jpeg())] + DEMOGRAPHICS, 400,
+     "Too many files"),
+    ("1,500 fields", "b0undary", [file_part("a.jpg", jpeg())] + [text_part(f"f{i}", "1") for i in range(1500)],
+     400, "malformed multipart"),
+    ("other boundary", "different", [file_part("a.jpg", jpeg())] + DEMOGRAPHICS, 400, "malformed multipart"),
+]
+
+
+@pytest.mark.parametrize("name, boundary, parts, status, message", RAW_BAD_REQUESTS,
+                         ids=[c[0] for c in RAW_BAD_REQUESTS])
+def test_raw_multipart_never_gets_a_5xx(server, name, boundary, parts, status, message):
+    response = httpx.post(server + "/predict", content=multipart(parts),
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=30)
+    if status == 200:
+        assert response.status_code == 200 and "age_group" in response.json(), response.text
+    else:
+        assert_error(response, status, message)
+
+
+@pytest.mark.parametrize("headers, content", [
+    ({"Content-Type": "application/json"}, b'{"image": "http://127.0.0.1:9/x.jpg", "gender": 1, "race": 0}'),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, b"image=hello&gender=1&race=0"),
+    ({"Content-Type": "multipart/form-data"}, b"no boundary at all"),
+    ({"Content-Type": "text/plain"}, b"http://127.0.0.1:9/x.jpg"),
+], ids=["json with URL", "urlencoded", "no boundary", "bare URL"])
+def test_anything_but_a_multipart_upload_is_refused(server, headers, content):
+    assert_error(httpx.post(server + "/predict", content=content, headers=headers, timeout=30), 415, "multipart")
+
+
+def raw_http(url: str, head: bytes, body: bytes = b"", wait: float = 10.0) -> tuple[bytes, float]:
+    """Send raw bytes, return (whatever the server answered, seconds it took)."""
+    host, port = url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer, time.monotonic() - start
+
+
+def test_oversize_body_is_refused_before_it_is_read(server):
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 300000000\r\n\r\n")
+    answer, seconds = raw_http(server, head)  # no body is ever sent: the answer must not wait for it
+    assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer and seconds < 5, (answer[:200], seconds)
+
+
+def test_chunked_body_is_cut_at_the_limit(server):
+    boundary = "b0undary"
+    body = multipart([file_part("a.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 200_000))] + DEMOGRAPHICS, boundary)
+    response = httpx.post(server + "/predict", content=iter([body[i:i + 1 << 20] for i in range(0, len(body), 1 << 20)]),
+                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+    assert_error(response, 413, "limit")
+
+
+def test_slow_upload_is_dropped_and_others_are_served(server):
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    with ThreadPoolExecutor(20) as pool:
+        slow = [pool.submit(raw_http, server, head, b"--b\r\n", 15) for _ in range(20)]
+        time.sleep(0.5)
+        start = time.monotonic()
+        good = post(server, jpeg())
+        assert good.status_code == 200 and time.monotonic() - start < 5
+        for future in slow:  # the server timeout in this fixture is 2 s
+            answer, seconds = future.result()
+            assert answer.startswith(b"HTTP/1.1 408") and seconds < 8, (answer[:200], seconds)
+
+
+def test_model_endpoint_names_the_version(server):
+    info = httpx.get(server + "/model", timeout=10).json()
+    assert info["version"].startswith("sha256:") and len(info["version"]) == 7 + 64
+    assert info["class_names"] == ["10-19", "20-29", "30-39", "40-49", "50-60"]
+    assert info["members"] and {"name", "weight", "val_accuracy"} <= set(info["members"][0])
+    assert post(server, jpeg()).json()["model_version"] == info["version"]
+
+
+def test_schema_states_the_ranges(server):
+    spec = httpx.get(server + "/docs.json", timeout=10).json()
+    text = str(spec["components"]["schemas"])
+    assert "'maximum': 1" in text and "'maximum': 4" in text, text[:2000]
+
+
+def test_readyz_answers_fast_under_load(server):
+    image = jpeg(200)
+    with ThreadPoolExecutor(40) as pool:
+        load = [pool.submit(post, server, image) for _ in range(150)]
+        seconds = []
+        for _ in range(10):
+            start = time.monotonic()
+            assert httpx.get(server + "/readyz", timeout=5).status_code == 200
+            seconds.append(time.monotonic() - start)
+            time.sleep(0.1)
+        assert all(f.result().status_code == 200 for f in load)
+    assert max(seconds) < 1.0, seconds
+
+
+def test_no_upload_is_left_on_disk(server, tmp_path):
+    import tempfile
+    before = set(Path(tempfile.gettempdir()).glob("bentoml-request-*"))
+    post(server, jpeg())
+    assert set(Path(tempfile.gettempdir()).glob("bentoml-request-*")) <= before
 
 
 def test_stl10_endpoint_says_no_model_is_shipped(server):
     response = post(server, jpeg(), {}, route="/classify_image")
     assert response.status_code == 404 and "no STL-10 model" in response.text
+
+
+def test_workers_exit_when_serve_is_killed(tiny_export, tmp_path_factory):
+    """kill -9 of `bentoml serve` must not leave its workers holding the port."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("bentoml-home")  # its own metrics folder: the module's server keeps its own
+    env = {**os.environ, "AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1", "BENTOML_HOME": str(home)}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        workers = children_of(proc.pid)
+        assert workers, "no worker processes found"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 6
+        while time.time() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in workers), "workers outlived bentoml serve"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if alive(proc.pid) else None
+        for pid in children_of(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid:  # after the name: state, then parent pid
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_bentoml_endpoints_are_kept(server):
@@ -132,11 +320,11 @@ def test_bentoml_endpoints_are_kept(server):
 def batch_histogram(server) -> tuple[float, float]:
     """(batches of size 1, all batches) so far, from BentoML's adaptive_batch_size metric."""
     text = httpx.get(server + "/metrics", timeout=10).text
-    def value(pattern):
-        found = re.search(pattern + r'\{[^}]*method_name="predict_age"[^}]*\} ([0-9.e+]+)', text)
-        return float(found.group(1)) if found else 0.0
-    ones = re.search(r'adaptive_batch_size_bucket\{le="1.0",[^}]*method_name="predict_age"[^}]*\} ([0-9.e+]+)', text)
-    return (float(ones.group(1)) if ones else 0.0), value("bentoml_service_adaptive_batch_size_count")
+    def total(pattern):  # summed over every series (workers, label sets) of the metric
+        return sum(float(v) for v in re.findall(pattern + r'\{[^}]*method_name="predict_age"[^}]*\} ([0-9.e+]+)', text))
+    ones = sum(float(v) for v in re.findall(
+        r'adaptive_batch_size_bucket\{le="1.0",[^}]*method_name="predict_age"[^}]*\} ([0-9.e+]+)', text))
+    return ones, total("bentoml_service_adaptive_batch_size_count")
 
 
 def test_concurrent_requests_are_batched(server):

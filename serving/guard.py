@@ -1,0 +1,216 @@
+"""ASGI middleware in front of the upload routes: every client mistake becomes one JSON 4xx before BentoML sees it.
+
+BentoML's own form handling turns several bad requests into 500s (long or empty filenames, a text `image`
+field that it would fetch as a URL, malformed multipart, thousands of fields) and reads a whole body before
+refusing its size. This guard reads the body itself, bounded in bytes and time, checks every field, and
+hands BentoML a canonical multipart body with exactly the declared fields, each once:
+
+    POST /predict  multipart/form-data: image=<file>, gender=<0-1>, race=<0-4>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from serving.image import MAX_PIXELS, MAX_UPLOAD_BYTES
+
+log = logging.getLogger("bentoml.agegroup")
+
+FORM_OVERHEAD_BYTES = 64 * 1024  # multipart headers and the small fields, on top of the image
+BODY_TIMEOUT_S = float(os.environ.get("AGEGROUP_BODY_TIMEOUT_S", 10))  # a slower upload is dropped (408)
+
+
+@dataclass(frozen=True)
+class Route:
+    """An upload route: its file field and its integer fields with their (lowest, highest) values."""
+
+    file_field: str
+    int_fields: dict[str, tuple[int, int]]
+
+    @property
+    def fields(self) -> set[str]:
+        return {self.file_field, *self.int_fields}
+
+
+class RequestError(Exception):
+    """A client mistake: HTTP status and a message that is safe to show."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def error_body(message: str) -> bytes:
+    """The one error shape of the API."""
+    return json.dumps({"error": message}).encode()
+
+
+class UploadGuard:
+    """Pure ASGI middleware; `routes` maps a path to its Route. Other paths pass through untouched."""
+
+    def __init__(self, app, routes: dict[str, Route], max_body: int = MAX_UPLOAD_BYTES + FORM_OVERHEAD_BYTES,
+                 body_timeout: float = BODY_TIMEOUT_S):
+        self.app, self.routes, self.max_body, self.body_timeout = app, routes, max_body, body_timeout
+
+    async def __call__(self, scope, receive, send):
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            fields = await self.checked_fields(scope, receive, route)
+        except RequestError as exc:
+            log.info("%s %s refused with %d: %s", scope["method"], scope["path"], exc.status, exc.message)
+            return await respond(send, exc.status, exc.message)
+        except ClientGone:
+            return None  # nobody is left to answer
+        boundary = uuid.uuid4().hex
+        payload, sent = encode_form(fields, route.file_field, boundary), False
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                    (b"content-length", str(len(payload)).encode())]
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as a real receive does
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+    async def checked_fields(self, scope, receive, route: Route) -> dict[str, bytes | int]:
+        """Read, parse and check the request: the file's bytes and the integer values, by field name."""
+        headers = Headers(scope=scope)
+        kind = headers.get("content-type", "")
+        if not kind.lower().startswith("multipart/form-data") or "boundary=" not in kind:
+            raise RequestError(415, f"send multipart/form-data with the fields {', '.join(sorted(route.fields))} "
+                                    f"(`{route.file_field}` an uploaded file); got Content-Type {kind or 'none'!r}")
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestError(400, f"Content-Length must be a number of bytes; got {declared!r}")
+            if int(declared) > self.max_body:
+                raise RequestError(413, too_large(int(declared)))
+        raw = await self.read_body(receive)
+        return await parse_form(headers, raw, route)
+
+    async def read_body(self, receive) -> bytes:
+        """The whole body, refused past max_body bytes (413) or past body_timeout seconds (408)."""
+        chunks, size, deadline = [], 0, time.monotonic() + self.body_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(receive(), max(left, 0.001))
+            except asyncio.TimeoutError:
+                raise RequestError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise RequestError(413, too_large(size, at_least=True))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived."""
+
+
+def encode_form(fields: dict[str, bytes | int], file_field: str, boundary: str) -> bytes:
+    """The checked fields as a canonical multipart body: a fixed file name, no client content type."""
+    parts = []
+    for name, value in fields.items():
+        if name == file_field:
+            head = f'Content-Disposition: form-data; name="{name}"; filename="upload"\r\n' \
+                   "Content-Type: application/octet-stream\r\n\r\n"
+            parts.append(f"--{boundary}\r\n{head}".encode() + value + b"\r\n")
+        else:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+async def parse_form(headers: Headers, raw: bytes, route: Route) -> dict[str, bytes | int]:
+    """Multipart fields checked against the route: each declared field once, the file a readable image."""
+
+    async def stream():
+        yield raw
+
+    parser = MultiPartParser(headers, stream(), max_files=1, max_fields=len(route.fields),
+                             max_part_size=FORM_OVERHEAD_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise RequestError(400, f"malformed multipart form: {exc.message}") from None
+    except Exception as exc:  # python-multipart's own parse errors
+        raise RequestError(400, f"malformed multipart form: {exc}") from None
+    try:
+        names = [name for name, _ in form.multi_items()]
+        unknown = sorted(set(names) - route.fields)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        missing = sorted(route.fields - set(names))
+        if unknown or repeated or missing:
+            problems = [f"{what} {', '.join(which)}" for what, which in
+                        (("unknown field(s)", unknown), ("repeated field(s)", repeated),
+                         ("missing field(s)", missing)) if which]
+            raise RequestError(400, f"{'; '.join(problems)}; expected exactly {', '.join(sorted(route.fields))}")
+        fields: dict[str, bytes | int] = {}
+        upload = form[route.file_field]
+        if not isinstance(upload, UploadFile):
+            raise RequestError(400, f"`{route.file_field}` must be an uploaded file (multipart file part), "
+                                    "not a text value; URLs are not fetched")
+        fields[route.file_field] = check_image_bytes(await upload.read())
+        for name, (low, high) in route.int_fields.items():
+            value = form[name]
+            if isinstance(value, UploadFile):
+                raise RequestError(400, f"{name} must be a form value {low}-{high}, not a file")
+            if not (value.strip().isascii() and value.strip().isdigit()) or not low <= int(value) <= high:
+                raise RequestError(400, f"{name} must be an integer {low}-{high}; got {value[:40]!r}")
+            fields[name] = int(value)
+        return fields
+    finally:
+        await form.close()
+
+
+def check_image_bytes(data: bytes) -> bytes:
+    """Refuse empty, oversize, unreadable or too-many-pixel uploads from the header alone (no decoding)."""
+    if not data:
+        raise RequestError(400, "the image file is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise RequestError(413, too_large(len(data)))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise RequestError(400, "the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...) "
+                                "or it is truncated") \
+            from None
+    if width * height > MAX_PIXELS:
+        raise RequestError(400, f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+    return data
+
+
+def too_large(size: int, at_least: bool = False) -> str:
+    return (f"the request is {'over ' if at_least else ''}{size} bytes; the image limit is {MAX_UPLOAD_BYTES} "
+            "bytes")
+
+
+async def respond(send, status: int, message: str) -> None:
+    """A JSON error response; the connection is closed after it, since the body may be unread."""
+    body = error_body(message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
