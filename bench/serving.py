@@ -161,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-service", action="store_true", help="in-process and CSV only")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict = {"cpu_count": os.cpu_count(), "threads": args.threads, "model": str(args.model)}
+    load = os.getloadavg()[0]
+    print(f"load average before the run: {load:.2f}" + ("  (busy machine: timings are not comparable)"
+                                                         if load > 0.5 else ""))
+    results: dict = {"cpu_count": os.cpu_count(), "threads": args.threads, "model": str(args.model),
+                     "load_average_at_start": load}
 
     if (args.run_dir / "ensemble.pt").exists():
         results["in_process"] = bench_in_process(args.run_dir, args.model, args.threads)
@@ -182,6 +186,17 @@ def main(argv: list[str] | None = None) -> None:
         results["batching_gain"] = {r["concurrency"]: r["rps"] / o["rps"] for r, o in zip(on, off)}
         print("batching gain (req/s on / off): "
               + ", ".join(f"{c} clients x{g:.2f}" for c, g in results["batching_gain"].items()))
+        if "in_process" in results:
+            best = max(r["onnxruntime_images_per_s"] for r in results["in_process"])
+            by_clients = {r["concurrency"]: r for r in on}
+            results["ratios"] = {
+                "served_32_over_in_process_best": by_clients[32]["rps"] / best,
+                "served_64_over_served_32": by_clients[64]["rps"] / by_clients[32]["rps"],
+                "p99_over_p50_at_32": by_clients[32]["p99_ms"] / by_clients[32]["p50_ms"],
+                "p50_1_client_minus_in_process_batch1_ms": by_clients[1]["p50_ms"] - 1000 / next(
+                    r["onnxruntime_images_per_s"] for r in results["in_process"] if r["batch_size"] == 1),
+            }
+            print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
     if args.csv.exists():
         results["batch_scoring"] = bench_batch_scoring(args.csv, args.model, RESULTS / "submission-bench.csv")
         (RESULTS / "submission-bench.csv").unlink()

@@ -45,12 +45,17 @@ def choose_providers(device: str | None = None) -> list[str]:
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Full graph optimisation; intra-op threads from $AGEGROUP_THREADS or every core."""
+    """Full graph optimisation; intra-op threads from $AGEGROUP_THREADS or every core; no spin-waiting
+    unless $AGEGROUP_SPIN=1."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or int(os.environ.get("AGEGROUP_THREADS", 0)) or (os.cpu_count() or 1)
     options.log_severity_level = 3  # errors only; warnings about unused initializers are noise here
+    if os.environ.get("AGEGROUP_SPIN", "0") != "1":
+        # Idle intra-op threads sleep instead of spin-waiting for the next run, leaving the cores to the HTTP
+        # worker that parses and decodes the next requests (the two share the same few cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
