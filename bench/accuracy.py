@@ -27,7 +27,7 @@ SEED_REPORT = {"best single CNN": 0.686, "hand-weighted 5-model ensemble": 0.708
 
 
 def pytorch_probabilities(run_dir: Path, images: np.ndarray, gender: np.ndarray, race: np.ndarray) -> dict:
-    """Softmax outputs (N, 5) of every member checkpoint of a run by name, and of the ensemble as exported."""
+    """Group probabilities (N, 5) of every member checkpoint of a run by name, and of the ensemble as exported."""
     import torch
 
     from training.data import Batches, to_nchw
@@ -38,7 +38,7 @@ def pytorch_probabilities(run_dir: Path, images: np.ndarray, gender: np.ndarray,
     out = {}
     with torch.inference_mode():
         for entry, member in zip(summary["members"], ensemble.members):
-            out[f"member {entry['name']}"] = torch.cat([member(*b).softmax(1) for b in batches]).numpy()
+            out[f"member {entry['name']}"] = torch.cat([member.group_probs(*b) for b in batches]).numpy()
         out["ensemble as exported (PyTorch)"] = torch.cat([ensemble(*b) for b in batches]).numpy()
     return out
 
@@ -48,7 +48,8 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
 
     pred = probs.argmax(1)
     return {"accuracy": float(accuracy_score(labels, pred)),
-            "macro_f1": float(f1_score(labels, pred, average="macro"))}
+            "macro_f1": float(f1_score(labels, pred, average="macro")),
+            "mae": float(np.abs(pred - labels).mean())}  # in groups: the classes are ordered
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         for flip in ("without", "with"):  # both candidates, as training measured them
             if meta.get(f"fitted_{flip}_flip_val_accuracy") is not None:
                 rows[f"ensemble, fitted weights, {flip} flip (training)"] = {
-                    "accuracy": meta[f"fitted_{flip}_flip_val_accuracy"], "macro_f1": None}
+                    "accuracy": meta[f"fitted_{flip}_flip_val_accuracy"], "macro_f1": None, "mae": None}
         rows["ensemble as exported (PyTorch)"] = metrics(outputs["ensemble as exported (PyTorch)"], labels)
     rows[f"shipped ONNX ({'fitted + flip' if 'mirror' in meta['test_time_augmentation'] else 'fitted'})"] = \
         metrics(shipped, labels)
@@ -96,10 +97,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: the model was trained on only the first {meta['training']['limit']} rows of data.csv")
     print(f"validation split: {len(val)} images ({split['fraction']:.0%} stratified, seed {split['seed']}), "
           f"input {model.height}x{model.width}, preset {meta.get('preset')}")
-    print(f"{'model':<{width}}{'accuracy':>10}{'macro-F1':>10}")
+    weights = {f"member {m['name']}": m["weight"] for m in meta["members"]}
+    print(f"{'model':<{width}}{'weight':>8}{'accuracy':>10}{'macro-F1':>10}{'MAE':>8}")
     for name, m in rows.items():
         f1 = "n/a" if m["macro_f1"] is None else f"{m['macro_f1']:.4f}"
-        print(f"{name:<{width}}{m['accuracy']:>10.4f}{f1:>10}")
+        mae = "n/a" if m["mae"] is None else f"{m['mae']:.3f}"
+        weight = f"{weights[name]:.3f}" if name in weights else ""
+        print(f"{name:<{width}}{weight:>8}{m['accuracy']:>10.4f}{f1:>10}{mae:>8}")
     for name, acc in SEED_REPORT.items():
         print(f"{'seed report (its test set): ' + name:<{width}}{acc:>10.4f}{'':>10}")
     matrix = confusion_matrix(labels, shipped.argmax(1), labels=range(len(model.class_names)))

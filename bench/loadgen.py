@@ -1,7 +1,7 @@
 """HTTP load for bench/serving.py, run as its own process: POST a face to /predict from N clients at once.
 
     python bench/loadgen.py http://127.0.0.1:3000 32 200    # url, concurrent clients, total requests
-Prints one JSON line: throughput, latency percentiles and failures. Bounded: stops after the requests.
+Prints one JSON line: throughput, latency percentiles, failures, and the slowest /readyz probe during the load. Bounded: stops after the requests.
 """
 
 from __future__ import annotations
@@ -41,13 +41,28 @@ async def load(url: str, image: bytes, concurrency: int, requests: int) -> dict:
                 latencies.append(time.perf_counter() - t)
                 failures += r.status_code != 200
 
+        probes: list[float] = []
+        done = asyncio.Event()
+
+        async def probe():  # /readyz every 0.2 s on its own connection while the load runs
+            async with httpx.AsyncClient(timeout=30) as prober:
+                while not done.is_set():
+                    t = time.perf_counter()
+                    r = await prober.get(url + "/readyz")
+                    probes.append(time.perf_counter() - t if r.status_code == 200 else float("inf"))
+                    await asyncio.sleep(0.2)
+
         start = time.perf_counter()
+        prober = asyncio.create_task(probe())
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        done.set()
+        await prober
     ms = np.array(latencies) * 1000
     return {"concurrency": concurrency, "requests": requests, "failures": failures, "rps": requests / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99))}
+            "p99_ms": float(np.percentile(ms, 99)), "readyz_probes": len(probes),
+            "readyz_max_ms": float(max(probes, default=0.0)) * 1000}
 
 
 def main(argv: list[str] | None = None) -> None:

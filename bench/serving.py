@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_service:
         results["service"] = bench_service(args.model, args.requests_per_client, args.threads)
         print("\nservice over HTTP on loopback (load from a second process)")
-        print(f"{'mode':<13}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'fail':>6}")
+        print(f"{'mode':<13}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'fail':>6}"
+              f"{'readyz max ms':>15}")
         for mode, rows in results["service"].items():
             for r in rows:
                 print(f"{mode:<13}{r['concurrency']:>8}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
-                      f"{r['p99_ms']:>9.1f}{r['failures']:>6}")
+                      f"{r['p99_ms']:>9.1f}{r['failures']:>6}{r['readyz_max_ms']:>15.0f}")
         on, off = results["service"]["batching"], results["service"]["no batching"]
         results["batching_gain"] = {r["concurrency"]: r["rps"] / o["rps"] for r, o in zip(on, off)}
         print("batching gain (req/s on / off): "

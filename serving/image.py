@@ -58,8 +58,8 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
                 with _large_decode if large else nullcontext():
                     im.load()
                     im = reduce_large(im, size)
-                    pixels = np.asarray(to_rgb(ImageOps.exif_transpose(im)).resize(size, Image.BILINEAR),
-                                        dtype=np.uint8)
+                    ImageOps.exif_transpose(im, in_place=True)  # no copy of the decoded image
+                    pixels = np.asarray(to_rgb(im).resize(size, Image.BILINEAR), dtype=np.uint8)
                 if large:
                     release_memory()
     except InputError:
