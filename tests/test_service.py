@@ -335,3 +335,23 @@ def test_concurrent_requests_are_batched(server):
     batches, single = total - total_before, ones - ones_before
     assert 0 < batches < 96, (batches, single)  # fewer onnxruntime runs than requests
     assert single < batches  # at least one run held more than one request
+
+
+def server_errors(server) -> float:
+    """5xx answers counted so far on /predict by BentoML's request counter."""
+    text = httpx.get(server + "/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r'request_total\{[^}]*endpoint="/predict"[^}]*http_response_code="5\d\d"'
+                                            r'[^}]*\} ([0-9.e+]+)', text))
+
+
+def test_client_disconnects_are_not_counted_as_server_errors(server):
+    before = server_errors(server)
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    host, port = server.removeprefix("http://").split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head + b"--b\r\n")  # then hang up mid-body
+    time.sleep(1)
+    assert post(server, jpeg()).status_code == 200
+    assert server_errors(server) == before
