@@ -27,29 +27,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_export, tmp_path_factory):
+def start_serve(env_extra: dict, log) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free loopback port, in its own process group, once /readyz says 200."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")  # a file: an unread pipe would fill and block
-    env = {**os.environ, "AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1",
-           "AGEGROUP_BODY_TIMEOUT_S": "2"}
     bentoml = Path(sys.executable).with_name("bentoml")
-    proc = subprocess.Popen([str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen([str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                            env={**os.environ, **env_extra}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
             pytest.fail(f"bentoml serve exited: {Path(log.name).read_text()[-3000:]}")
         time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("bentoml serve did not become ready in 120 s")
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("bentoml serve did not become ready in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, tmp_path_factory):
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("wb")  # a file: an unread pipe would fill and block
+    proc, url = start_serve({"AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1",
+                             "AGEGROUP_BODY_TIMEOUT_S": "2"}, log)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -260,20 +264,11 @@ def test_stl10_endpoint_says_no_model_is_shipped(server):
 
 def test_workers_exit_when_serve_is_killed(tiny_export, tmp_path_factory):
     """kill -9 of `bentoml serve` must not leave its workers holding the port."""
-    port = free_port()
     home = tmp_path_factory.mktemp("bentoml-home")  # its own metrics folder: the module's server keeps its own
-    env = {**os.environ, "AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1", "BENTOML_HOME": str(home)}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = (home / "serve.log").open("wb")
+    proc, _ = start_serve({"AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1",
+                           "BENTOML_HOME": str(home)}, log)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         workers = children_of(proc.pid)
         assert workers, "no worker processes found"
         proc.kill()
@@ -283,9 +278,11 @@ def test_workers_exit_when_serve_is_killed(tiny_export, tmp_path_factory):
             time.sleep(0.2)
         assert not any(alive(pid) for pid in workers), "workers outlived bentoml serve"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if alive(proc.pid) else None
+        if alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
         for pid in children_of(proc.pid):
             os.kill(pid, signal.SIGKILL)
+        log.close()
 
 
 def children_of(pid: int) -> list[int]:
