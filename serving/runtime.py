@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.image import InputError, prepare_image
+from serving.image import prepare_image
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -107,42 +108,19 @@ def read_metadata(onnx_path: str | Path) -> dict:
     return json.loads(Path(onnx_path).with_suffix(".json").read_text())
 
 
-_summaries: dict[Path, dict] = {}
-
-
-def model_summary(onnx_path: str | Path) -> dict:
+@functools.lru_cache(maxsize=None)
+def model_summary(onnx_path: Path) -> dict:
     """What GET /model shows: version (sha256 of the .onnx), input size, classes, members and weights,
-    validation accuracy and creation time. Computed once per process."""
-    path = Path(onnx_path)
-    if path not in _summaries:
-        meta = read_metadata(path)
-        _summaries[path] = {
-            "version": "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest(),
-            "file": path.name, "input_size": meta["input_size"], "class_names": meta["class_names"],
-            "members": [{k: m.get(k) for k in ("name", "weight", "val_accuracy")} for m in meta.get("members", [])],
-            "test_time_augmentation": meta.get("test_time_augmentation"),
-            "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
-            "preset": meta.get("preset"), "created": meta.get("created"),
-        }
-    return _summaries[path]
-
-
-def check_demographics(gender, race) -> tuple[int, int]:
-    """Gender 0/1 and race 0-4 as ints, or InputError saying which value is wrong."""
-    checked = []
-    for field, value, names in (("gender", gender, GENDER_NAMES), ("race", race, RACE_NAMES)):
-        choices = ", ".join(f"{i} {n}" for i, n in enumerate(names))
-        try:
-            if isinstance(value, bool):
-                raise TypeError("a boolean is not a number")
-            number = int(value)
-            ok = number == float(value) and 0 <= number < len(names)
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise InputError(f"{field} must be an integer 0-{len(names) - 1} ({choices}); got {value!r}")
-        checked.append(number)
-    return checked[0], checked[1]
+    validation accuracy and creation time. Computed once per process and path."""
+    meta = read_metadata(onnx_path)
+    return {
+        "version": "sha256:" + hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest(),
+        "file": Path(onnx_path).name, "input_size": meta["input_size"], "class_names": meta["class_names"],
+        "members": [{k: m.get(k) for k in ("name", "weight", "val_accuracy")} for m in meta.get("members", [])],
+        "test_time_augmentation": meta.get("test_time_augmentation"),
+        "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
+        "preset": meta.get("preset"), "created": meta.get("created"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
