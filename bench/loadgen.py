@@ -1,7 +1,8 @@
 """HTTP load for bench/serving.py, run as its own process: POST a face to /predict from N clients at once.
 
     python bench/loadgen.py http://127.0.0.1:3000 32 200    # url, concurrent clients, total requests
-Prints one JSON line: throughput, latency percentiles, failures, and the slowest /readyz probe during the load. Bounded: stops after the requests.
+Prints one JSON line: throughput, latency percentiles, failures, and the slowest /readyz probe during the
+load. Bounded: stops after the requests.
 """
 
 from __future__ import annotations

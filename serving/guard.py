@@ -11,19 +11,17 @@ hands BentoML a canonical multipart body with exactly the declared fields, each 
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import JSONResponse
 
-from serving.image import MAX_PIXELS, MAX_UPLOAD_BYTES
+from serving.image import MAX_UPLOAD_BYTES, InputError, check_header
 
 log = logging.getLogger("bentoml.agegroup")
 
@@ -51,9 +49,9 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-def error_body(message: str) -> bytes:
-    """The one error shape of the API."""
-    return json.dumps({"error": message}).encode()
+def error_response(status: int, message: str) -> JSONResponse:
+    """The API's one error shape, {"error": "..."}, used by the guard and the service alike."""
+    return JSONResponse({"error": message}, status_code=status)
 
 
 class UploadGuard:
@@ -71,7 +69,7 @@ class UploadGuard:
             fields = await self.checked_fields(scope, receive, route)
         except RequestError as exc:
             log.info("%s %s refused with %d: %s", scope["method"], scope["path"], exc.status, exc.message)
-            return await respond(send, exc.status, exc.message)
+            return await respond(scope, receive, send, exc.status, exc.message)
         except ClientGone:
             return None  # nobody is left to answer
         boundary = uuid.uuid4().hex
@@ -185,20 +183,13 @@ async def parse_form(headers: Headers, raw: bytes, route: Route) -> dict[str, by
 
 
 def check_image_bytes(data: bytes) -> bytes:
-    """Refuse empty, oversize, unreadable or too-many-pixel uploads from the header alone (no decoding)."""
-    if not data:
-        raise RequestError(400, "the image file is empty")
+    """The upload, if serving/image.py's header checks pass: 413 past the size limit, else 400 saying why."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise RequestError(413, too_large(len(data)))
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise RequestError(400, "the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...) "
-                                "or it is truncated") \
-            from None
-    if width * height > MAX_PIXELS:
-        raise RequestError(400, f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+        check_header(data)
+    except InputError as exc:
+        raise RequestError(400, str(exc)) from None
     return data
 
 
@@ -207,10 +198,8 @@ def too_large(size: int, at_least: bool = False) -> str:
             "bytes")
 
 
-async def respond(send, status: int, message: str) -> None:
+async def respond(scope, receive, send, status: int, message: str) -> None:
     """A JSON error response; the connection is closed after it, since the body may be unread."""
-    body = error_body(message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    response = error_response(status, message)
+    response.headers["connection"] = "close"
+    await response(scope, receive, send)

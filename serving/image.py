@@ -23,8 +23,36 @@ DRAFT_FACTOR = 4  # JPEGs over this many times the target size are decoded at re
 _large_decode = threading.BoundedSemaphore(1)  # bounds memory: one large decode at a time per process
 
 
+NOT_AN_IMAGE = "the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...) or it is truncated"
+
+
 class InputError(ValueError):
     """Input that cannot be scored; the message says what is wrong and is safe to show a client."""
+
+
+def check_length(data: bytes) -> None:
+    """Refuse empty or oversize encoded images."""
+    if len(data) == 0:
+        raise InputError("the image file is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InputError(f"the image is {len(data)} bytes; the limit is {MAX_UPLOAD_BYTES} bytes")
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse images over MAX_PIXELS, before they are decoded."""
+    if width * height > MAX_PIXELS:
+        raise InputError(f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+
+
+def check_header(data: bytes) -> None:
+    """The checks that need no decoding: length, a header Pillow can read, and the pixel count."""
+    check_length(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise InputError(NOT_AN_IMAGE) from None
+    check_pixels(*size)
 
 
 def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[int, int]) -> np.ndarray:
@@ -38,10 +66,7 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
     if isinstance(source, Image.Image):
         stream = source
     elif isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise InputError("the image file is empty")
-        if len(source) > MAX_UPLOAD_BYTES:
-            raise InputError(f"the image is {len(source)} bytes; the limit is {MAX_UPLOAD_BYTES} bytes")
+        check_length(source)
         stream = io.BytesIO(source)
     else:
         stream = Path(source)
@@ -49,9 +74,7 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with (stream if isinstance(stream, Image.Image) else Image.open(stream)) as im:
-                width, height = im.size
-                if width * height > MAX_PIXELS:
-                    raise InputError(f"the image is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+                check_pixels(*im.size)
                 if im.format == "JPEG":
                     im.draft(im.mode, (size[0] * DRAFT_FACTOR, size[1] * DRAFT_FACTOR))
                 large = im.size[0] * im.size[1] > LARGE_PIXELS
@@ -67,7 +90,7 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"the image is too large to decode safely: {exc}") from None
     except UnidentifiedImageError:
-        raise InputError("the file is not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...)") from None
+        raise InputError(NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"the image could not be decoded ({exc}); is it truncated or corrupt?") from None
     return pixels

@@ -24,18 +24,10 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
-from serving.guard import Route, UploadGuard
+from serving.guard import Route, UploadGuard, error_response
 from serving.image import InputError, prepare_image
 from serving.lifecycle import exit_with_parent
-from serving.runtime import (
-    GENDER_NAMES,
-    MODEL_DIR,
-    RACE_NAMES,
-    OnnxModel,
-    describe,
-    model_summary,
-    read_metadata,
-)
+from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary, read_metadata
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -128,7 +120,7 @@ class AgeGroup:
         try:
             pixels = await asyncio.to_thread(prepare_image, image, input_size(self.age_meta))
         except InputError as exc:
-            return error(400, str(exc))
+            return error_response(400, str(exc))
         result = await call_models(self.models.to_async.predict_age,
                                    [{"image": pixels, "gender": gender, "race": race}])
         if isinstance(result, JSONResponse):
@@ -140,11 +132,11 @@ class AgeGroup:
     async def classify_image(self, image: Image) -> dict:
         """The STL-10 class of `image` (airplane, bird, ... truck), when an STL-10 model is shipped."""
         if self.stl10_meta is None:
-            return error(404, f"no STL-10 model is shipped: export one to {STL10_MODEL}")
+            return error_response(404, f"no STL-10 model is shipped: export one to {STL10_MODEL}")
         try:
             pixels = await asyncio.to_thread(prepare_image, image, input_size(self.stl10_meta))
         except InputError as exc:
-            return error(400, str(exc))
+            return error_response(400, str(exc))
         probabilities = await call_models(self.models.to_async.predict_stl10, pixels[None])
         if isinstance(probabilities, JSONResponse):
             return probabilities
@@ -152,11 +144,6 @@ class AgeGroup:
 
 
 AgeGroup.add_asgi_middleware(UploadGuard, routes=UPLOAD_ROUTES)
-
-
-def error(status: int, message: str) -> JSONResponse:
-    """The API's one error shape."""
-    return JSONResponse({"error": message}, status_code=status)
 
 
 def input_size(meta: dict) -> tuple[int, int]:
@@ -179,4 +166,4 @@ async def call_models(method, *args, attempts: int = 3):
                 raise
             if attempt == attempts:
                 log.warning("model service unreachable after %d attempts: %s", attempts, exc)
-                return error(503, "the model service is unavailable; try again shortly")
+                return error_response(503, "the model service is unavailable; try again shortly")

@@ -38,7 +38,7 @@ def face_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(face_dir, tmp_path_factory) -> Path:
-    """A three-member ensemble (course VGG, exact-age VGG, ResNet) trained for two epochs at 32 px on synthetic faces."""
+    """Three members (course VGG, exact-age VGG, ResNet) trained for two epochs at 32 px on synthetic faces."""
     import torch
 
     from training.config import AGE_PRESETS, AgeTrainConfig

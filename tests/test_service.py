@@ -206,7 +206,9 @@ def test_oversize_body_is_refused_before_it_is_read(server):
 def test_chunked_body_is_cut_at_the_limit(server):
     boundary = "b0undary"
     body = multipart([file_part("a.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 200_000))] + DEMOGRAPHICS, boundary)
-    response = httpx.post(server + "/predict", content=iter([body[i:i + 1 << 20] for i in range(0, len(body), 1 << 20)]),
+    chunk = 1 << 20
+    chunks = iter([body[i:i + chunk] for i in range(0, len(body), chunk)])  # no Content-Length: sent chunked
+    response = httpx.post(server + "/predict", content=chunks,
                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
     assert_error(response, 413, "limit")
 
