@@ -77,6 +77,7 @@ class AgeTrainConfig:
     focal_gamma: float = 0.0  # > 0 switches the loss to focal loss with this gamma
     age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, this decay per step
+    mixup: float = 0.0  # > 0: mix training images in pairs, Beta(mixup, mixup) weights, losses mixed alike
     group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs

@@ -49,17 +49,25 @@ from training.models import Stl10MLP, age_distribution_loss, build_member, focal
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
-                    ema=None) -> dict:
+                    ema=None, mixup: float = 0.0) -> dict:
     """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy.
 
-    `ema`, an AveragedModel, is updated after every optimizer step."""
+    `ema`, an AveragedModel, is updated after every optimizer step. `mixup` > 0 blends every batch's images
+    with a shuffled copy of it (weight ~ Beta(mixup, mixup), folded to >= 0.5 so that the first face and its
+    gender and race dominate) and blends the two losses the same way."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
     for *inputs, target in bar:
+        if mixup > 0:
+            share = float(np.random.beta(mixup, mixup))
+            share, order = max(share, 1 - share), torch.randperm(len(target), device=target.device)
+            inputs[0] = share * inputs[0] + (1 - share) * inputs[0][order]
         with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(*inputs)
         loss = loss_fn(logits.float(), target)
+        if mixup > 0:
+            loss = share * loss + (1 - share) * loss_fn(logits.float(), target[order])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,7 +116,7 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", ema: float = 0.0) -> dict:
+        amp: bool = False, name: str = "model", ema: float = 0.0, mixup: float = 0.0) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights.
 
     With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
@@ -131,7 +139,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
         train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
-                                averaged)
+                                averaged, mixup)
         val = evaluate(scored, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -247,7 +255,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             fit(model, train_batches, val_batches, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 loss_fn=loss_fn, checkpoint=checkpoint, extra={**common, "member": asdict(member)},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, ema=cfg.ema)
+                name=member.name, ema=cfg.ema, mixup=cfg.mixup)
             previous = torch.load(checkpoint, weights_only=False)
         val = evaluate(model, val_batches, loss_fn)
         mirrored = evaluate(model, mirrored_batches, loss_fn)
