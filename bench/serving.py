@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -58,21 +59,97 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def load_in_subprocess(url: str, concurrency: int, requests: int) -> dict:
+FACES = REPO.parent / "shared" / "data" / "faces" / "testdata.csv"  # real JPEGs for the load, when present
+
+
+def load_in_subprocess(url: str, concurrency: int, requests: int, faces: Path = FACES) -> dict:
     """Run the load from a second process, so the client's CPU use is not counted as the server's."""
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), url, str(concurrency), str(requests)],
-                         capture_output=True, text=True, timeout=600, check=True)
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), url, str(concurrency), str(requests),
+                          str(faces)], capture_output=True, text=True, timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_service(model_path: Path, requests_per_client: int, threads: int) -> dict:
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `bentoml serve` and every process under it."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measured_load(proc: subprocess.Popen, url: str, concurrency: int, requests: int) -> dict:
+    """The load's figures plus the server's CPU per request (core-ms) over the same window."""
+    before = server_cpu_seconds(proc.pid)
+    row = load_in_subprocess(url, concurrency, requests)
+    row["server_core_ms_per_request"] = (server_cpu_seconds(proc.pid) - before) * 1000 / requests
+    return row
+
+
+def null_model(model_path: Path, folder: Path) -> Path:
+    """A graph with the shipped contract and almost no compute (uniform probabilities), for the serving
+    stack's own ceiling: HTTP, multipart, decode and batching with no model cost. Never shipped."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    meta = json.loads(model_path.with_suffix(".json").read_text())
+    height, width = meta["input_size"]
+    classes = len(meta["class_names"])
+    nodes = [
+        helper.make_node("Cast", ["image"], ["image_f"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["image_f"], ["mean"], axes=[1, 2, 3], keepdims=0),  # touches every pixel
+        helper.make_node("Cast", ["gender"], ["gender_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["race"], ["race_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sum", ["mean", "gender_f", "race_f"], ["total"]),
+        helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+        helper.make_node("Unsqueeze", ["nothing", "axis1"], ["column"]),
+        helper.make_node("Add", ["column", "uniform"], ["probabilities"]),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "null_model",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", height, width, 3]),
+         helper.make_tensor_value_info("gender", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("race", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["N"])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("uniform", TensorProto.FLOAT, [1, classes], [1.0 / classes] * classes)])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "age_ensemble.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    (folder / "age_ensemble.json").write_text(json.dumps({**meta, "model": "null (bench only)", "members": []}))
+    return path
+
+
+SERVICE_MODES = {  # name -> (environment, concurrency levels)
+    "batching": ({"AGEGROUP_BATCHING": "1"}, CONCURRENCY),
+    "no batching": ({"AGEGROUP_BATCHING": "0"}, CONCURRENCY),
+    "null model": ({"AGEGROUP_BATCHING": "1"}, CONCURRENCY),
+}
+
+
+def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVICE_MODES)) -> dict:
+    """Each mode's server under each load level; workers and threads are the service's own defaults unless
+    $AGEGROUP_WORKERS / $AGEGROUP_THREADS are set for this script."""
     results = {}
-    for mode, env in (("batching", {"AGEGROUP_BATCHING": "1"}), ("no batching", {"AGEGROUP_BATCHING": "0"})):
-        env |= {"AGEGROUP_THREADS": str(threads), "AGEGROUP_MODEL_DIR": str(model_path.resolve().parent)}
+    for mode in modes:
+        env, levels = SERVICE_MODES[mode]
+        served = null_model(model_path, RESULTS.parent.parent / "runs" / "null-model") if mode == "null model" \
+            else model_path
+        env = {**env, "AGEGROUP_MODEL_DIR": str(served.resolve().parent)}
         proc, url = start_server(env, RESULTS / f"serve-{mode.replace(' ', '-')}.log")
         try:
-            load_in_subprocess(url, 4, 20)  # warm-up
-            results[mode] = [load_in_subprocess(url, c, max(40, c * requests_per_client)) for c in CONCURRENCY]
+            load_in_subprocess(url, 4, 40)  # warm-up
+            results[mode] = []
+            for c in levels:
+                results[mode].append(measured_load(proc, url, c, max(40, c * requests_per_client)))
+                print(f"  {mode}, {c} clients: {json.dumps(results[mode][-1])}", flush=True)
         finally:
             stop_server(proc)
     return results
@@ -134,6 +211,10 @@ def plot(results: dict, path: Path) -> None:
         c = [r["concurrency"] for r in rows]
         axes[0].plot(c, [r["rps"] for r in rows], marker="o", label=mode)
         axes[1].plot(c, [r["p99_ms"] for r in rows], marker="o", label=mode)
+    rows = results.get("in_process", [])
+    if rows:
+        axes[0].axhline(max(r["onnxruntime_images_per_s"] for r in rows), color="grey", linestyle="--",
+                        label="in-process best (img/s)")
     axes[0].set(xscale="log", xlabel="concurrent clients", ylabel="requests/s", title="service throughput")
     axes[1].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="service p99 latency")
     rows = results.get("in_process", [])
@@ -154,11 +235,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "cpu",
                         help="training run of the shipped model, for the PyTorch side (skipped if absent)")
     parser.add_argument("--model", type=Path, default=MODEL_DIR / "age_ensemble.onnx", help="exported model")
-    parser.add_argument("--csv", type=Path, default=REPO.parent / "shared" / "data" / "faces" / "testdata.csv",
+    parser.add_argument("--csv", type=Path, default=FACES,
                         help="CSV to batch-score (skipped if absent)")
     parser.add_argument("--requests-per-client", type=int, default=6, help="load per concurrency level")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime/torch threads")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime/torch threads in-process")
     parser.add_argument("--skip-service", action="store_true", help="in-process and CSV only")
+    parser.add_argument("--modes", nargs="*", choices=list(SERVICE_MODES), default=list(SERVICE_MODES),
+                        help="service configurations to load (the ratios need all three)")
+    parser.add_argument("--skip-in-process", action="store_true", help="service only (no ratios)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -167,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"cpu_count": os.cpu_count(), "threads": args.threads, "model": str(args.model),
                      "load_average_at_start": load}
 
-    if (args.run_dir / "ensemble.pt").exists():
+    if (args.run_dir / "ensemble.pt").exists() and not args.skip_in_process:
         results["in_process"] = bench_in_process(args.run_dir, args.model, args.threads)
         print(f"\nin-process, {args.threads} threads (images/s)")
         print(f"{'batch':>6}{'onnxruntime':>13}{'pytorch':>10}{'ratio':>8}")
@@ -175,28 +259,42 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['batch_size']:>6}{r['onnxruntime_images_per_s']:>13.1f}{r['pytorch_images_per_s']:>10.1f}"
                   f"{r['ratio']:>8.2f}")
     if not args.skip_service:
-        results["service"] = bench_service(args.model, args.requests_per_client, args.threads)
+        results["service"] = bench_service(args.model, args.requests_per_client, args.modes)
+        results["service_settings"] = {k: os.environ.get(k, "service default") for k in
+                                       ("AGEGROUP_WORKERS", "AGEGROUP_THREADS", "AGEGROUP_MAX_BATCH_SIZE")}
         print("\nservice over HTTP on loopback (load from a second process)")
         print(f"{'mode':<13}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'fail':>6}"
-              f"{'readyz max ms':>15}")
+              f"{'readyz max ms':>15}{'core-ms/req':>13}")
         for mode, rows in results["service"].items():
             for r in rows:
                 print(f"{mode:<13}{r['concurrency']:>8}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
-                      f"{r['p99_ms']:>9.1f}{r['failures']:>6}{r['readyz_max_ms']:>15.0f}")
-        on, off = results["service"]["batching"], results["service"]["no batching"]
-        results["batching_gain"] = {r["concurrency"]: r["rps"] / o["rps"] for r, o in zip(on, off)}
-        print("batching gain (req/s on / off): "
-              + ", ".join(f"{c} clients x{g:.2f}" for c, g in results["batching_gain"].items()))
-        if "in_process" in results:
+                      f"{r['p99_ms']:>9.1f}{r['failures']:>6}{r['readyz_max_ms']:>15.0f}"
+                      f"{r['server_core_ms_per_request']:>13.2f}")
+        if set(SERVICE_MODES) - set(args.modes):
+            print("(not every service mode ran: no ratios)")
+        else:
+            on, off = results["service"]["batching"], results["service"]["no batching"]
+            results["batching_gain"] = {r["concurrency"]: r["rps"] / o["rps"] for r, o in zip(on, off)}
+            print("batching gain (req/s on / off): "
+                  + ", ".join(f"{c} clients x{g:.2f}" for c, g in results["batching_gain"].items()))
+        if "in_process" in results and "batching_gain" in results:
             best = max(r["onnxruntime_images_per_s"] for r in results["in_process"])
+            batch1 = next(r["onnxruntime_images_per_s"] for r in results["in_process"] if r["batch_size"] == 1)
             by_clients = {r["concurrency"]: r for r in on}
+            ceiling = max(r["rps"] for r in results["service"]["null model"])
             results["ratios"] = {
+                "null_model_ceiling_over_in_process_best": ceiling / best,
+                "batching_gain_at_32_over_in_process_32_over_1": results["batching_gain"][32] / (next(
+                    r["onnxruntime_images_per_s"] for r in results["in_process"] if r["batch_size"] == 32) / batch1),
                 "served_32_over_in_process_best": by_clients[32]["rps"] / best,
                 "served_64_over_served_32": by_clients[64]["rps"] / by_clients[32]["rps"],
                 "p99_over_p50_at_32": by_clients[32]["p99_ms"] / by_clients[32]["p50_ms"],
-                "p50_1_client_minus_in_process_batch1_ms": by_clients[1]["p50_ms"] - 1000 / next(
-                    r["onnxruntime_images_per_s"] for r in results["in_process"] if r["batch_size"] == 1),
+                "p50_1_client_minus_in_process_batch1_ms": by_clients[1]["p50_ms"] - 1000 / batch1,
             }
+            results["null_model"] = {"ceiling_rps": ceiling, "core_ms_per_request": min(
+                r["server_core_ms_per_request"] for r in results["service"]["null model"] if r["concurrency"] >= 8)}
+            print(f"null-model ceiling {ceiling:.0f} req/s ({results['null_model']['core_ms_per_request']:.2f} "
+                  f"server core-ms per request); in-process best {best:.0f} img/s, batch 1 {batch1:.0f} img/s")
             print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items()))
     if args.csv.exists():
         results["batch_scoring"] = bench_batch_scoring(args.csv, args.model, RESULTS / "submission-bench.csv")

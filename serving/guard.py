@@ -11,10 +11,10 @@ hands BentoML a canonical multipart body with exactly the declared fields, each 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-import time
-import uuid
+import secrets
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers, UploadFile
@@ -27,6 +27,9 @@ log = logging.getLogger("bentoml.agegroup")
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart headers and the small fields, on top of the image
 BODY_TIMEOUT_S = float(os.environ.get("AGEGROUP_BODY_TIMEOUT_S", 10))  # a slower upload is dropped (408)
+# Boundaries of the re-encoded bodies: a per-process secret and a counter (no random draw per request).
+_SECRET = secrets.token_hex(12)
+BOUNDARIES = (f"agegroup{_SECRET}{n:x}" for n in itertools.count())
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class UploadGuard:
             return await respond(scope, receive, send, exc.status, exc.message)
         except ClientGone:
             return None  # nobody is left to answer
-        boundary = uuid.uuid4().hex
+        boundary = next(BOUNDARIES)
         payload, sent = encode_form(fields, route.file_field, boundary), False
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
@@ -105,22 +108,22 @@ class UploadGuard:
 
     async def read_body(self, receive) -> bytes:
         """The whole body, refused past max_body bytes (413) or past body_timeout seconds (408)."""
-        chunks, size, deadline = [], 0, time.monotonic() + self.body_timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
-            except asyncio.TimeoutError:
-                raise RequestError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise RequestError(413, too_large(size, at_least=True))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout):  # one deadline for the whole body, no task per chunk
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise RequestError(413, too_large(size, at_least=True))
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
 
 
 class ClientGone(Exception):

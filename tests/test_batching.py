@@ -1,0 +1,70 @@
+"""serving/batching.py without a server: concurrent calls share batches, results keep their order, overload is a 503."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serving.batching import AdaptiveBatcher, Overloaded
+
+
+class Recorder:
+    """A batch function that remembers its batch sizes and the threads it ran on; slow enough to queue behind."""
+
+    def __init__(self, seconds: float = 0.01):
+        self.sizes, self.threads, self.seconds = [], set(), seconds
+
+    def __call__(self, items: list) -> list:
+        self.sizes.append(len(items))
+        self.threads.add(threading.get_ident())
+        time.sleep(self.seconds)
+        return [item * 10 for item in items]
+
+
+async def call_all(batcher: AdaptiveBatcher, items) -> list:
+    return await asyncio.gather(*(batcher(item) for item in items))
+
+
+def test_concurrent_calls_are_batched_and_answered_in_order():
+    run = Recorder()
+    batcher = AdaptiveBatcher("t", run, max_batch_size=8, max_latency_ms=5000)
+    results = asyncio.run(call_all(batcher, range(64)))
+    assert results == [i * 10 for i in range(64)]
+    assert sum(run.sizes) == 64 and max(run.sizes) > 1 and max(run.sizes) <= 8
+    assert len(run.threads) == 1 and threading.get_ident() not in run.threads  # off the event loop, one thread
+
+
+def test_disabled_batching_runs_each_call_alone():
+    run = Recorder()
+    batcher = AdaptiveBatcher("t", run, max_batch_size=8, max_latency_ms=5000, enabled=False)
+    assert asyncio.run(call_all(batcher, range(12))) == [i * 10 for i in range(12)]
+    assert run.sizes == [1] * 12
+
+
+def test_every_batch_is_reported():
+    seen = []
+    batcher = AdaptiveBatcher("t", Recorder(), max_batch_size=8, max_latency_ms=5000, on_batch=seen.append)
+    asyncio.run(call_all(batcher, range(20)))
+    assert sum(seen) == 20
+
+
+def test_requests_that_would_miss_the_latency_bound_are_refused():
+    batcher = AdaptiveBatcher("t", Recorder(seconds=0.2), max_batch_size=1, max_latency_ms=300)
+
+    async def flood():
+        return await asyncio.gather(*(batcher(i) for i in range(30)), return_exceptions=True)
+
+    outcomes = asyncio.run(flood())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    assert refused and len(refused) < 30
+    assert all(o == i * 10 for i, o in enumerate(outcomes) if not isinstance(o, Exception))
+
+
+def test_a_failing_batch_raises_in_every_caller():
+    def broken(items):
+        raise ValueError("bad batch")
+
+    batcher = AdaptiveBatcher("t", broken, max_batch_size=4, max_latency_ms=5000)
+    with pytest.raises(ValueError, match="bad batch"):
+        asyncio.run(call_all(batcher, range(3)))
