@@ -25,7 +25,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
+from serving.runtime import MODEL_DIR, OnnxModel, worker_layout  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CONCURRENCY = (1, 8, 32, 64)
@@ -155,6 +155,19 @@ def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVIC
     return results
 
 
+def onnx_images_per_s(model: OnnxModel, n: int, seconds: float = 1.5) -> float:
+    """Images per second of `model` at batch size n (random images and demographics)."""
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 255, (n, model.height, model.width, 3), dtype=np.uint8)
+    gender, race = rng.integers(0, 2, n), rng.integers(0, 5, n)
+    model.predict(images, gender, race)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or count < 3:
+        model.predict(images, gender, race)
+        count += 1
+    return n * count / (time.perf_counter() - start)
+
+
 def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: float = 1.5) -> list[dict]:
     """Images per second of the same ensemble in ONNX Runtime and in PyTorch eager, per batch size."""
     import torch
@@ -253,11 +266,18 @@ def main(argv: list[str] | None = None) -> None:
 
     if (args.run_dir / "ensemble.pt").exists() and not args.skip_in_process:
         results["in_process"] = bench_in_process(args.run_dir, args.model, args.threads)
+        per_worker = worker_layout()[1]
+        session = OnnxModel(args.model, device="cpu", threads=per_worker)
+        results["in_process_service_threads"] = {"threads": per_worker, **{
+            f"batch_{n}_images_per_s": onnx_images_per_s(session, n) for n in (1, 32)}}
         print(f"\nin-process, {args.threads} threads (images/s)")
         print(f"{'batch':>6}{'onnxruntime':>13}{'pytorch':>10}{'ratio':>8}")
         for r in results["in_process"]:
             print(f"{r['batch_size']:>6}{r['onnxruntime_images_per_s']:>13.1f}{r['pytorch_images_per_s']:>10.1f}"
                   f"{r['ratio']:>8.2f}")
+        same = results["in_process_service_threads"]
+        print(f"onnxruntime with the service's {same['threads']} thread(s) per worker: batch 1 "
+              f"{same['batch_1_images_per_s']:.1f}, batch 32 {same['batch_32_images_per_s']:.1f} images/s")
     if not args.skip_service:
         results["service"] = bench_service(args.model, args.requests_per_client, args.modes)
         results["service_settings"] = {k: os.environ.get(k, "service default") for k in
@@ -278,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             print("batching gain (req/s on / off): "
                   + ", ".join(f"{c} clients x{g:.2f}" for c, g in results["batching_gain"].items()))
         if "in_process" in results and "batching_gain" in results:
+            same = results["in_process_service_threads"]
             best = max(r["onnxruntime_images_per_s"] for r in results["in_process"])
             batch1 = next(r["onnxruntime_images_per_s"] for r in results["in_process"] if r["batch_size"] == 1)
             by_clients = {r["concurrency"]: r for r in on}
@@ -290,6 +311,10 @@ def main(argv: list[str] | None = None) -> None:
                 "served_64_over_served_32": by_clients[64]["rps"] / by_clients[32]["rps"],
                 "p99_over_p50_at_32": by_clients[32]["p99_ms"] / by_clients[32]["p50_ms"],
                 "p50_1_client_minus_in_process_batch1_ms": by_clients[1]["p50_ms"] - 1000 / batch1,
+                "p50_1_client_minus_in_process_batch1_service_threads_ms": by_clients[1]["p50_ms"] - 1000 / same[
+                    "batch_1_images_per_s"],
+                "batching_gain_at_32_over_service_threads_32_over_1": results["batching_gain"][32] / (
+                    same["batch_32_images_per_s"] / same["batch_1_images_per_s"]),
             }
             results["null_model"] = {"ceiling_rps": ceiling, "core_ms_per_request": min(
                 r["server_core_ms_per_request"] for r in results["service"]["null model"] if r["concurrency"] >= 8)}

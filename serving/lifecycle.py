@@ -14,11 +14,14 @@ import time
 log = logging.getLogger("bentoml.agegroup")
 
 POLL_S = 1.0  # how often a worker checks that its parent is still there
+# The parent as early as this process can see it (this module is imported while the service module loads),
+# so a parent killed while the worker was still loading its model is noticed too.
+PARENT_AT_IMPORT = os.getppid()
 
 
 def exit_with_parent(poll_s: float = POLL_S) -> None:
     """Start a daemon thread that sends this process SIGTERM (then SIGKILL) once its parent has gone."""
-    parent = os.getppid()
+    parent = PARENT_AT_IMPORT
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -45,6 +45,18 @@ def choose_providers(device: str | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def worker_layout() -> tuple[int, int]:
+    """(worker processes, onnxruntime threads per worker) for `bentoml serve`: $AGEGROUP_WORKERS (default 2,
+    or 1 on one core) and $AGEGROUP_THREADS (default: the cores shared out among the workers).
+
+    Each worker parses requests and holds its own session and batches. bench/serving.py on 2 cores: 2 workers
+    x 1 thread serve the most requests/s under load (one worker decodes while the other computes); 1 x 2 has
+    the lower single-client latency. The README's serving table has both."""
+    cores = os.cpu_count() or 1
+    workers = int(os.environ.get("AGEGROUP_WORKERS", 0)) or min(2, cores)
+    return workers, int(os.environ.get("AGEGROUP_THREADS", 0)) or max(1, cores // workers)
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Full graph optimisation; intra-op threads from $AGEGROUP_THREADS or every core; no spin-waiting
     unless $AGEGROUP_SPIN=1."""

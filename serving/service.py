@@ -29,7 +29,7 @@ from serving.batching import AdaptiveBatcher, Overloaded
 from serving.guard import Route, UploadGuard, error_response
 from serving.image import InputError, prepare_image
 from serving.lifecycle import exit_with_parent
-from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary
+from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary, worker_layout
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -42,12 +42,10 @@ MAX_BATCH_SIZE = int(os.environ.get("AGEGROUP_MAX_BATCH_SIZE", 32))
 # load only far past saturation (bench/serving.py: p99 well under 1 s at 64 clients).
 MAX_LATENCY_MS = int(os.environ.get("AGEGROUP_MAX_LATENCY_MS", 5000))
 BATCHING = os.environ.get("AGEGROUP_BATCHING", "1") != "0"  # 0: one onnxruntime run per request (for benchmarks)
-# Worker processes, each parsing requests and holding its own session and batches, and onnxruntime threads per
-# worker (default: the cores shared out). bench/serving.py on 2 cores: 2 workers x 1 thread serve the most
-# requests/s under load, because one worker decodes while the other computes; 1 x 2 has the lower
-# single-client latency. See the README's serving table.
-WORKERS = int(os.environ.get("AGEGROUP_WORKERS", 0)) or min(2, os.cpu_count() or 1)
-THREADS = int(os.environ.get("AGEGROUP_THREADS", 0)) or max(1, (os.cpu_count() or 1) // WORKERS)
+WORKERS, THREADS = worker_layout()  # 2 x 1 on 2 cores; see serving/runtime.py
+# Images up to this many pixels are decoded on the event loop (about 1 ms for a 200x200 JPEG, less than a hop
+# to a thread and back); larger ones in a thread, so that a big upload never stalls the other requests.
+INLINE_DECODE_PIXELS = 512 * 512
 
 
 Gender = Annotated[int, Field(ge=0, le=len(GENDER_NAMES) - 1, description="0 male, 1 female")]
@@ -116,7 +114,7 @@ class AgeGroup:
 
         Errors: 4xx with {"error": "what is wrong"}; 503 with the same shape while the server is overloaded."""
         try:
-            pixels = await asyncio.to_thread(prepare_image, image, (self.age.width, self.age.height))
+            pixels = await decode(image, (self.age.width, self.age.height))
             probabilities, label = await self.age_batcher({"image": pixels, "gender": gender, "race": race})
         except InputError as exc:
             return error_response(400, str(exc))
@@ -131,7 +129,7 @@ class AgeGroup:
         if self.stl10 is None:
             return error_response(404, f"no STL-10 model is shipped: export one to {STL10_MODEL}")
         try:
-            pixels = await asyncio.to_thread(prepare_image, image, (self.stl10.width, self.stl10.height))
+            pixels = await decode(image, (self.stl10.width, self.stl10.height))
             probabilities = await self.stl10_batcher(pixels)
         except InputError as exc:
             return error_response(400, str(exc))
@@ -142,3 +140,10 @@ class AgeGroup:
 
 AgeGroup.add_asgi_middleware(UploadGuard, routes=UPLOAD_ROUTES)
 
+
+
+async def decode(image: Image, size: tuple[int, int]) -> np.ndarray:
+    """serving/image.py's prepare_image: small images on the event loop, large ones in a thread."""
+    if image.size[0] * image.size[1] <= INLINE_DECODE_PIXELS:
+        return prepare_image(image, size)
+    return await asyncio.to_thread(prepare_image, image, size)

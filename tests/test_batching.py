@@ -1,4 +1,5 @@
-"""serving/batching.py without a server: concurrent calls share batches, results keep their order, overload is a 503."""
+"""serving/batching.py without a server: concurrent calls share batches, results keep their order, overload is a
+503; and how the cores are shared out among workers and onnxruntime threads."""
 
 import asyncio
 import threading
@@ -68,3 +69,21 @@ def test_a_failing_batch_raises_in_every_caller():
     batcher = AdaptiveBatcher("t", broken, max_batch_size=4, max_latency_ms=5000)
     with pytest.raises(ValueError, match="bad batch"):
         asyncio.run(call_all(batcher, range(3)))
+
+
+@pytest.mark.parametrize("cores, env, expected", [
+    (2, {}, (2, 1)),  # the measured best on 2 cores: one worker decodes while the other computes
+    (8, {}, (2, 4)),
+    (1, {}, (1, 1)),
+    (2, {"AGEGROUP_WORKERS": "1"}, (1, 2)),
+    (2, {"AGEGROUP_WORKERS": "1", "AGEGROUP_THREADS": "1"}, (1, 1)),
+])
+def test_worker_layout_shares_the_cores(monkeypatch, cores, env, expected):
+    from serving import runtime
+
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: cores)
+    for name in ("AGEGROUP_WORKERS", "AGEGROUP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runtime.worker_layout() == expected

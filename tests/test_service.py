@@ -227,6 +227,16 @@ def test_slow_upload_is_dropped_and_others_are_served(server):
             assert answer.startswith(b"HTTP/1.1 408") and seconds < 8, (answer[:200], seconds)
 
 
+def test_small_and_large_images_are_both_answered(server):
+    """Small uploads are decoded on the event loop, large ones (over INLINE_DECODE_PIXELS) in a thread."""
+    for side in (80, 800):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), 120, dtype=np.uint8)).save(buffer, format="PNG")
+        response = post(server, buffer.getvalue())
+        assert response.status_code == 200, response.text
+        assert response.json()["age_group"] in ("10-19", "20-29", "30-39", "40-49", "50-60")
+
+
 def test_model_endpoint_names_the_version(server):
     info = httpx.get(server + "/model", timeout=10).json()
     assert info["version"].startswith("sha256:") and len(info["version"]) == 7 + 64
@@ -269,10 +279,11 @@ def test_workers_exit_when_serve_is_killed(tiny_export, tmp_path_factory):
     home = tmp_path_factory.mktemp("bentoml-home")  # its own metrics folder: the module's server keeps its own
     log = (home / "serve.log").open("wb")
     proc, _ = start_serve({"AGEGROUP_MODEL_DIR": str(tiny_export), "AGEGROUP_THREADS": "1",
-                           "BENTOML_HOME": str(home)}, log)
+                           "AGEGROUP_WORKERS": "2", "BENTOML_HOME": str(home)}, log)
     try:
+        time.sleep(3)  # /readyz answered from one worker; let the others finish loading too
         workers = children_of(proc.pid)
-        assert workers, "no worker processes found"
+        assert len(workers) >= 2, f"expected 2 workers, found {workers}"
         proc.kill()
         proc.wait()
         deadline = time.time() + 6
