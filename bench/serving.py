@@ -25,7 +25,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from serving.runtime import MODEL_DIR, OnnxModel, worker_layout  # noqa: E402
+from serving.runtime import MODEL_DIR, OnnxModel, serving_layout  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 CONCURRENCY = (1, 8, 32, 64)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if (args.run_dir / "ensemble.pt").exists() and not args.skip_in_process:
         results["in_process"] = bench_in_process(args.run_dir, args.model, args.threads)
-        per_worker = worker_layout()[1]
+        per_worker = serving_layout().threads
         session = OnnxModel(args.model, device="cpu", threads=per_worker)
         results["in_process_service_threads"] = {"threads": per_worker, **{
             f"batch_{n}_images_per_s": onnx_images_per_s(session, n) for n in (1, 32)}}
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['batch_size']:>6}{r['onnxruntime_images_per_s']:>13.1f}{r['pytorch_images_per_s']:>10.1f}"
                   f"{r['ratio']:>8.2f}")
         same = results["in_process_service_threads"]
-        print(f"onnxruntime with the service's {same['threads']} thread(s) per worker: batch 1 "
+        print(f"onnxruntime with the service's {same['threads']} thread(s) per batch: batch 1 "
               f"{same['batch_1_images_per_s']:.1f}, batch 32 {same['batch_32_images_per_s']:.1f} images/s")
     if not args.skip_service:
         results["service"] = bench_service(args.model, args.requests_per_client, args.modes)

@@ -13,7 +13,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
+from bentoml._internal.marshal.dispatcher import CorkDispatcher, NonBlockSema
 
 
 class Overloaded(Exception):
@@ -32,13 +32,16 @@ class AdaptiveBatcher:
     """
 
     def __init__(self, name: str, run_batch: Callable[[list], Sequence], *, max_batch_size: int,
-                 max_latency_ms: int, enabled: bool = True, on_batch: Callable[[int], None] | None = None):
+                 max_latency_ms: int, enabled: bool = True, on_batch: Callable[[int], None] | None = None,
+                 concurrent: int = 1):
         self.run_batch, self.on_batch = run_batch, on_batch
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")  # one batch at a time
+        # `concurrent` batches at a time, each on its own thread (BentoML's dispatcher runs one).
+        self.executor = ThreadPoolExecutor(concurrent, thread_name_prefix=f"batch-{name}")
         self.dispatch = None
         if enabled:
             dispatcher = CorkDispatcher(max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-                                        fallback=_overloaded, get_batch_size=lambda _item: 1)
+                                        fallback=_overloaded, get_batch_size=lambda _item: 1,
+                                        shared_sema=NonBlockSema(concurrent))
             self.dispatch = dispatcher(self._run)
 
     async def _run(self, items: Sequence) -> Sequence:

@@ -29,7 +29,7 @@ from serving.batching import AdaptiveBatcher, Overloaded
 from serving.guard import Route, UploadGuard, error_response
 from serving.image import InputError, prepare_image
 from serving.lifecycle import exit_with_parent
-from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary, worker_layout
+from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary, serving_layout
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -42,7 +42,7 @@ MAX_BATCH_SIZE = int(os.environ.get("AGEGROUP_MAX_BATCH_SIZE", 32))
 # load only far past saturation (bench/serving.py: p99 well under 1 s at 64 clients).
 MAX_LATENCY_MS = int(os.environ.get("AGEGROUP_MAX_LATENCY_MS", 5000))
 BATCHING = os.environ.get("AGEGROUP_BATCHING", "1") != "0"  # 0: one onnxruntime run per request (for benchmarks)
-WORKERS, THREADS = worker_layout()  # 2 x 1 on 2 cores; see serving/runtime.py
+LAYOUT = serving_layout()  # on 2 cores: 1 worker, two 1-thread batches at once; see serving/runtime.py
 # Images up to this many pixels are decoded on the event loop (about 1 ms for a 200x200 JPEG, less than a hop
 # to a thread and back); larger ones in a thread, so that a big upload never stalls the other requests.
 INLINE_DECODE_PIXELS = 512 * 512
@@ -73,15 +73,20 @@ def batch_size_metric(max_batch_size: int) -> Histogram:
 
 
 @bentoml.asgi_app(info_app, path="/")
-@bentoml.service(workers=WORKERS, traffic={"timeout": 60, "max_concurrency": 512})
+@bentoml.service(workers=LAYOUT.workers, traffic={"timeout": 60, "max_concurrency": 512})
 class AgeGroup:
     """POST a face photo with gender and race; get its age group and the five probabilities."""
 
     def __init__(self) -> None:
         exit_with_parent()
-        self.age = OnnxModel(AGE_MODEL, threads=THREADS)
+        self.age = OnnxModel(AGE_MODEL, threads=LAYOUT.threads)
+        # A request alone in this worker (light load) runs on all of the worker's cores, so its latency is the
+        # model's best; under load, each batch keeps to LAYOUT.threads and batches run side by side.
+        self.age_alone = (OnnxModel(AGE_MODEL, threads=LAYOUT.alone_threads)
+                          if LAYOUT.alone_threads > LAYOUT.threads else self.age)
+        self.in_flight = 0  # /predict requests this worker is decoding, batching or computing
         self.version = model_summary(AGE_MODEL)["version"]
-        self.stl10 = OnnxModel(STL10_MODEL, threads=THREADS) if STL10_MODEL.exists() else None
+        self.stl10 = OnnxModel(STL10_MODEL, threads=LAYOUT.threads) if STL10_MODEL.exists() else None
         if self.stl10 is None:
             log.info("no STL-10 model at %s: /classify_image answers 404 until one is exported", STL10_MODEL)
         sizes = batch_size_metric(MAX_BATCH_SIZE)
@@ -91,7 +96,8 @@ class AgeGroup:
                                    method_name=method, service_version=server_context.bento_version,
                                    service_name=server_context.bento_name).observe
             return AdaptiveBatcher(method, run_batch, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS,
-                                   enabled=BATCHING, on_batch=observe)
+                                   enabled=BATCHING, on_batch=observe,
+                                   concurrent=LAYOUT.concurrent_batches)
 
         self.age_batcher = batcher("predict_age", self.predict_age_batch)
         self.stl10_batcher = batcher("predict_stl10", self.predict_stl10_batch)
@@ -100,7 +106,8 @@ class AgeGroup:
         """faces: [{"image": uint8 (H, W, 3), "gender": int, "race": int}] -> (probabilities, label) each."""
         images = np.stack([f["image"] for f in faces])  # (B, H, W, 3)
         gender, race = (np.array([f[k] for f in faces], dtype=np.int64) for k in ("gender", "race"))
-        probabilities, labels = self.age.predict(images, gender, race)
+        model = self.age_alone if self.in_flight <= len(faces) else self.age  # nothing else is waiting
+        probabilities, labels = model.predict(images, gender, race)
         return list(zip(probabilities, labels.tolist()))
 
     def predict_stl10_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -113,6 +120,7 @@ class AgeGroup:
         """The age group (10-19 ... 50-60) of the face in `image`; gender 0 male, 1 female; race 0-4.
 
         Errors: 4xx with {"error": "what is wrong"}; 503 with the same shape while the server is overloaded."""
+        self.in_flight += 1
         try:
             pixels = await decode(image, (self.age.width, self.age.height))
             probabilities, label = await self.age_batcher({"image": pixels, "gender": gender, "race": race})
@@ -120,6 +128,8 @@ class AgeGroup:
             return error_response(400, str(exc))
         except Overloaded as exc:
             return error_response(503, str(exc))
+        finally:
+            self.in_flight -= 1
         answer = describe(self.age.class_names, probabilities, label, "age_group")
         return JSONResponse({**answer, "model_version": self.version}, headers={"X-Model-Version": self.version})
 

@@ -72,13 +72,14 @@ def test_a_failing_batch_raises_in_every_caller():
 
 
 @pytest.mark.parametrize("cores, env, expected", [
-    (2, {}, (2, 1)),  # the measured best on 2 cores: one worker decodes while the other computes
-    (8, {}, (2, 4)),
-    (1, {}, (1, 1)),
-    (2, {"AGEGROUP_WORKERS": "1"}, (1, 2)),
-    (2, {"AGEGROUP_WORKERS": "1", "AGEGROUP_THREADS": "1"}, (1, 1)),
+    (2, {}, (1, 1, 2, 2)),  # one worker: two 1-thread batches at once; a lone request on both cores
+    (8, {}, (1, 1, 8, 8)),
+    (1, {}, (1, 1, 1, 1)),
+    (2, {"AGEGROUP_WORKERS": "2"}, (2, 1, 1, 1)),
+    (8, {"AGEGROUP_THREADS": "2"}, (1, 2, 4, 8)),
+    (4, {"AGEGROUP_WORKERS": "2", "AGEGROUP_THREADS": "2"}, (2, 2, 1, 2)),
 ])
-def test_worker_layout_shares_the_cores(monkeypatch, cores, env, expected):
+def test_serving_layout_shares_the_cores(monkeypatch, cores, env, expected):
     from serving import runtime
 
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: cores)
@@ -86,4 +87,21 @@ def test_worker_layout_shares_the_cores(monkeypatch, cores, env, expected):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert runtime.worker_layout() == expected
+    layout = runtime.serving_layout()
+    assert (layout.workers, layout.threads, layout.concurrent_batches, layout.alone_threads) == expected
+
+
+def test_batches_run_side_by_side_when_asked():
+    """concurrent=2: a second batch starts while the first still runs (on another thread)."""
+    running, overlap = [], []
+
+    def slow(items):
+        running.append(1)
+        overlap.append(len(running))
+        time.sleep(0.05)
+        running.pop()
+        return items
+
+    batcher = AdaptiveBatcher("t", slow, max_batch_size=2, max_latency_ms=5000, concurrent=2)
+    assert asyncio.run(call_all(batcher, range(40))) == list(range(40))
+    assert max(overlap) == 2
