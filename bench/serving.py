@@ -155,7 +155,7 @@ def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVIC
     return results
 
 
-def onnx_images_per_s(model: OnnxModel, n: int, seconds: float = 1.5) -> float:
+def onnx_images_per_s(model: OnnxModel, n: int, seconds: float = 3.0) -> float:
     """Images per second of `model` at batch size n (random images and demographics)."""
     rng = np.random.default_rng(n)
     images = rng.integers(0, 255, (n, model.height, model.width, 3), dtype=np.uint8)
@@ -168,7 +168,7 @@ def onnx_images_per_s(model: OnnxModel, n: int, seconds: float = 1.5) -> float:
     return n * count / (time.perf_counter() - start)
 
 
-def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: float = 1.5) -> list[dict]:
+def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: float = 3.0) -> list[dict]:
     """Images per second of the same ensemble in ONNX Runtime and in PyTorch eager, per batch size."""
     import torch
 
