@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="*", choices=list(SERVICE_MODES), default=list(SERVICE_MODES),
                         help="service configurations to load (the ratios need all three)")
     parser.add_argument("--skip-in-process", action="store_true", help="service only (no ratios)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json", help="JSON to write (the .png beside it)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -326,9 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         (RESULTS / "submission-bench.csv").unlink()
         b = results["batch_scoring"]
         print(f"\nbatch scoring {b['rows']} rows: {b['seconds']:.1f} s ({b['rows_per_s']:.0f} rows/s)")
-    (RESULTS / "serving.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS / "serving.png")
-    print(f"\nwrote {RESULTS / 'serving.json'} and {RESULTS / 'serving.png'}")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
