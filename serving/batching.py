@@ -3,8 +3,9 @@
 BentoML's adaptive batching is its CorkDispatcher: the algorithm `@bentoml.api(batchable=True)` runs in the
 server of a service of its own. Used here, in the process that parses the requests, a request reaches the
 model with no second HTTP hop, no serialization and no second process competing for the same cores
-(bench/profile_serving.py measured that hop and the second process at about 40 % of the served CPU).
-Batches run one at a time on a dedicated thread, so the event loop keeps parsing the next requests.
+(bench/profile_serving.py measured that hop and the second process at about a quarter of the served CPU).
+Batches run off the event loop, on `concurrent` threads of their own (BentoML's dispatcher takes a shared
+semaphore for that), so the loop keeps parsing the next requests while the cores compute.
 """
 
 from __future__ import annotations

@@ -61,8 +61,8 @@ def serving_layout() -> Layout:
     """$AGEGROUP_WORKERS (default 1) and $AGEGROUP_THREADS per batch (default 1); the cores left over run
     batches side by side, and a lone request gets all of its worker's cores.
 
-    Measured with bench/serving.py on 2 cores: one worker running two 1-thread batches at once serves ~110
-    requests/s at 32 clients, steadily. Two workers reach ~140 only when the kernel happens to spread the
+    Measured with bench/serving.py on 2 cores: one worker running two 1-thread batches at once serves
+    115-122 requests/s at 32 clients, run after run. Two workers reach ~140 only when the kernel happens to spread the
     keep-alive connections evenly; it often does not (33/0 and 25/8 were seen), and the idle worker's core
     is then lost. A 1-thread run is also more efficient than a 2-thread one (10 vs 12 core-ms per image).
     """
