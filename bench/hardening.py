@@ -1,4 +1,4 @@
-"""Robustness figures of the served API: slow uploaders, worst-case uploads' memory, kill -9 of the server.
+"""Robustness figures of the served API: a soak, slow uploaders, worst-case uploads' memory, kill -9 of the server.
 
     .venv/bin/python bench/hardening.py            # serves exported/ on a free port; prints a table
 Writes bench/results/hardening.json. Run it on an otherwise idle machine (it checks the load average).
@@ -101,6 +101,18 @@ def worst_case_memory(url: str, pid: int, concurrent: int = 16) -> dict:
             "baseline_mb": baseline, "peak_mb": peak, "after_mb": tree_rss_mb(pid)}
 
 
+def soak(url: str, pid: int, rounds: int = 4, per_round: int = 5000, clients: int = 32) -> list[dict]:
+    """rounds x per_round requests from `clients` clients (real faces when present): failures, speed and the
+    server's memory after each round, to see that it levels off."""
+    rows, baseline = [], tree_rss_mb(pid)
+    for k in range(rounds):
+        load = _serving_bench.load_in_subprocess(url, clients, per_round)
+        rows.append({"requests_so_far": per_round * (k + 1), "failures": load["failures"], "rps": load["rps"],
+                     "p99_ms": load["p99_ms"], "readyz_max_ms": load["readyz_max_ms"], "baseline_mb": baseline,
+                     "rss_mb": tree_rss_mb(pid)})
+    return rows
+
+
 def kill_arbiter(proc) -> dict:
     """SIGKILL `bentoml serve` itself; how long its workers live on."""
     workers = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
@@ -120,18 +132,23 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     proc, url = start_server({}, RESULTS / "serve-hardening.log")
     try:
-        results = {"load_average_at_start": load, "slow": slow_uploaders(url, 200, 100),
-                   "memory": worst_case_memory(url, proc.pid)}
+        results = {"load_average_at_start": load, "soak": soak(url, proc.pid),
+                   "slow": slow_uploaders(url, 200, 100), "memory": worst_case_memory(url, proc.pid)}
         results["kill"] = kill_arbiter(proc)
     finally:
         if proc.poll() is None:
             stop_server(proc)
     s, m, k = results["slow"], results["memory"], results["kill"]
+    rounds = results["soak"]
+    print(f"soak, {rounds[-1]['requests_so_far']} requests at 32 clients: "
+          f"{sum(r['failures'] for r in rounds)} failures, slowest /readyz "
+          f"{max(r['readyz_max_ms'] for r in rounds):.0f} ms; RSS {rounds[0]['baseline_mb']:.0f} MB before, then "
+          + ", ".join(f"{r['rss_mb']:.0f}" for r in rounds) + " MB after each round")
     print(f"200 slow uploaders: {s['succeeded']}/{s['good_requests']} good requests succeeded, "
           f"{s['share_ok_under_1s']:.0%} in under 1 s (slowest {s['max_s']:.2f} s)")
     print(f"16 x 6000x6000 RGBA PNG ({m['upload_bytes'] / 1e3:.0f} kB each), statuses {m['statuses']}: RSS "
           f"{m['baseline_mb']:.0f} MB before, peak {m['peak_mb']:.0f} MB, {m['after_mb']:.0f} MB after")
-    print(f"kill -9 of bentoml serve: its {k['workers']} workers gone after {k['seconds_until_gone']:.1f} s")
+    print(f"kill -9 of bentoml serve: its {k['workers']} worker(s) gone after {k['seconds_until_gone']:.1f} s")
     (RESULTS / "hardening.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS / 'hardening.json'}")
 
