@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,10 +23,11 @@ from pathlib import Path
 
 import psutil
 
-# bench/serving.py, loaded under another name: `serving` is the product's package.
-_spec = importlib.util.spec_from_file_location("serving_bench", Path(__file__).resolve().parent / "serving.py")
-serving_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serving_bench)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hardening import bench_module  # noqa: E402
+
+serving_bench = bench_module("serving")  # bench/serving.py: `serving` is the product's package
 REPO, RESULTS = serving_bench.REPO, serving_bench.RESULTS
 load_in_subprocess, start_server, stop_server = (serving_bench.load_in_subprocess, serving_bench.start_server,
                                                  serving_bench.stop_server)

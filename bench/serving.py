@@ -155,20 +155,30 @@ def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVIC
     return results
 
 
-def onnx_images_per_s(model: OnnxModel, n: int, seconds: float = 3.0) -> float:
-    """Images per second of `model` at batch size n (random images and demographics)."""
+def random_batch(n: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n random uint8 images with random gender and race, the same for a given n."""
     rng = np.random.default_rng(n)
-    images = rng.integers(0, 255, (n, model.height, model.width, 3), dtype=np.uint8)
-    gender, race = rng.integers(0, 2, n), rng.integers(0, 5, n)
-    model.predict(images, gender, race)
+    return (rng.integers(0, 255, (n, height, width, 3), dtype=np.uint8), rng.integers(0, 2, n),
+            rng.integers(0, 5, n))
+
+
+def images_per_s(run, n: int, seconds: float = 3.0) -> float:
+    """Images per second of `run()`, one batch of n per call: one warm-up call, then at least `seconds`."""
+    run()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or count < 3:
-        model.predict(images, gender, race)
+        run()
         count += 1
     return n * count / (time.perf_counter() - start)
 
 
-def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: float = 3.0) -> list[dict]:
+def onnx_images_per_s(model: OnnxModel, n: int) -> float:
+    """Images per second of `model` at batch size n."""
+    batch = random_batch(n, model.height, model.width)
+    return images_per_s(lambda: model.predict(*batch), n)
+
+
+def bench_in_process(run_dir: Path, model_path: Path, threads: int) -> list[dict]:
     """Images per second of the same ensemble in ONNX Runtime and in PyTorch eager, per batch size."""
     import torch
 
@@ -179,26 +189,14 @@ def bench_in_process(run_dir: Path, model_path: Path, threads: int, seconds: flo
     model = OnnxModel(model_path, device="cpu", threads=threads)
     rows = []
     for n in BATCH_SIZES:
-        rng = np.random.default_rng(n)
-        images = rng.integers(0, 255, (n, model.height, model.width, 3), dtype=np.uint8)
-        gender, race = rng.integers(0, 2, n), rng.integers(0, 5, n)
-        tensors = (torch.from_numpy(images), torch.from_numpy(gender), torch.from_numpy(race))
-
-        def ort_run():
-            model.predict(images, gender, race)
+        tensors = tuple(torch.from_numpy(a) for a in random_batch(n, model.height, model.width))
 
         def torch_run():
             with torch.inference_mode():
                 graph(*tensors)
 
-        row = {"batch_size": n}
-        for name, fn in (("onnxruntime", ort_run), ("pytorch", torch_run)):
-            fn()
-            count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds or count < 3:
-                fn()
-                count += 1
-            row[f"{name}_images_per_s"] = n * count / (time.perf_counter() - start)
+        row = {"batch_size": n, "onnxruntime_images_per_s": onnx_images_per_s(model, n),
+               "pytorch_images_per_s": images_per_s(torch_run, n)}
         row["ratio"] = row["onnxruntime_images_per_s"] / row["pytorch_images_per_s"]
         rows.append(row)
     return rows
