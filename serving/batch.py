@@ -1,7 +1,9 @@
 """Score a face CSV (Image, Gender, Race) into a submission CSV (Id, Category) with the shipped model.
 
-    agegroup-score ../shared/data/faces/testdata.csv submission.csv
-    agegroup-score test.csv out.csv --images-root /data/faces --probabilities
+    agegroup-score faces/testdata.csv submission.csv                # find and align each face, as /predict
+    agegroup-score test.csv out.csv --aligned --ages --probabilities # crops scored whole; age columns added
+
+A row whose image holds no face gets Category `no_face` (and empty probability and age columns).
 """
 
 from __future__ import annotations
@@ -17,28 +19,38 @@ import pandas as pd
 from tqdm import tqdm
 
 from serving.cli import ArgumentParser, fail
+from serving.face import FaceFinder, NoFace, prepare_face
 from serving.image import InputError
 from serving.runtime import MODEL_DIR, OnnxModel
 from serving.table import DataError, read_face_table, rows
 
 
-def score_table(model: OnnxModel, table: pd.DataFrame, chunk_size: int = 256, workers: int = 4,
-                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (N, C) and labels (N,) for every row, in order; decoding overlaps inference.
+NO_FACE = "no_face"  # the Category of a row whose image holds no face
 
-    Raises DataError naming every row whose image cannot be decoded (all rows are still decoded, so the
-    message lists them all).
+
+def score_table(model: OnnxModel, table: pd.DataFrame, chunk_size: int = 256, workers: int = 4,
+                progress: bool = True, finder: FaceFinder | None = None) -> dict[str, np.ndarray]:
+    """Every graph output for every row, in order, plus `found` (N,) bool; decoding overlaps inference.
+
+    With a finder, each image's largest face is found and aligned first (serving/face.py, as /predict does);
+    rows without a face are not scored: found is False, and their outputs are NaN (label -1). Raises DataError
+    naming every row whose image cannot be decoded (all rows are still decoded, so the message lists them all).
     """
     paths = table["path"].tolist()
+    size = (model.width, model.height)
     chunks = [range(i, min(i + chunk_size, len(paths))) for i in range(0, len(paths), chunk_size)]
-    probabilities, labels, bad = [], [], {}
+    results: list[dict[str, np.ndarray]] = []
+    found = np.ones(len(paths), dtype=bool)
+    bad = {}
 
     def decode(i: int):
         try:
-            return model.prepare(paths[i])
+            return prepare_face(paths[i], size, finder).pixels
+        except NoFace:
+            found[i] = False
         except InputError as exc:
             bad[i] = str(exc)
-            return None
+        return None
 
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), unit="img", disable=not progress) as bar:
         pending = [pool.submit(lambda c=c: [decode(i) for i in c]) for c in chunks[:2]]
@@ -47,16 +59,28 @@ def score_table(model: OnnxModel, table: pd.DataFrame, chunk_size: int = 256, wo
             if n + 2 < len(chunks):
                 pending.append(pool.submit(lambda c=chunks[n + 2]: [decode(i) for i in c]))
             if not bad:
-                p, y = model.predict(np.stack(images), table["Gender"].to_numpy()[chunk.start:chunk.stop],
-                                     table["Race"].to_numpy()[chunk.start:chunk.stop])
-                probabilities.append(p)
-                labels.append(y)
+                results.append(score_chunk(model, images, table.iloc[chunk.start:chunk.stop]))
             bar.update(len(chunk))
     if bad:
         first = min(bad)
         raise DataError(f"{len(bad)} image(s) could not be decoded, at {rows(sorted(bad))} "
                         f"(first: {paths[first]}: {bad[first]})")
-    return np.concatenate(probabilities), np.concatenate(labels)
+    return {**{name: np.concatenate([r[name] for r in results]) for name in results[0]}, "found": found}
+
+
+def score_chunk(model: OnnxModel, images: list, rows_: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The graph's outputs for one chunk; rows without an image (no face) get NaN, or -1 as a label."""
+    scored = [i for i, image in enumerate(images) if image is not None]
+    outputs = model.predict_all(np.stack([images[i] for i in scored]), rows_["Gender"].to_numpy()[scored],
+                                rows_["Race"].to_numpy()[scored]) if scored else None
+    full = {}
+    for name in model.output_names:
+        shape = (len(images),) + model.session_output_shape(name)
+        filled = np.full(shape, -1 if name == "label" else np.nan, np.int64 if name == "label" else np.float64)
+        if outputs is not None:
+            filled[scored] = outputs[name]
+        full[name] = filled
+    return full
 
 
 def output_path(out: Path, inputs: tuple[Path, ...]) -> Path:
@@ -101,16 +125,29 @@ def current_umask() -> int:
 
 def score_csv(csv_path: Path, out: Path, images_root: Path | None = None, model_path: Path | None = None,
               with_probabilities: bool = False, chunk_size: int = 256, workers: int = 4,
-              progress: bool = True) -> pd.DataFrame:
-    """Validate the CSV and the output path, score every row and write the submission; returns what was written."""
+              progress: bool = True, aligned: bool = False, with_ages: bool = False) -> pd.DataFrame:
+    """Validate the CSV and the output path, score every row and write the submission; returns what was written.
+
+    `aligned`: the images are face crops, scored whole; otherwise each face is found and aligned first."""
     out = output_path(out, (csv_path,))
     table = read_face_table(csv_path, images_root)
     model = OnnxModel(model_path or MODEL_DIR / "age_ensemble.onnx")
-    probabilities, labels = score_table(model, table, chunk_size, workers, progress)
-    submission = pd.DataFrame({"Id": table["Image"], "Category": labels})
+    template = model.metadata.get("face_template")
+    if not aligned and not template:
+        raise DataError(f"{model.path} has no face template, so faces cannot be found: pass --aligned for crops")
+    scored = score_table(model, table, chunk_size, workers, progress,
+                         None if aligned else FaceFinder(template))
+    found = scored["found"]
+    category = pd.Series(scored["label"], dtype=object).where(found, NO_FACE)
+    submission = pd.DataFrame({"Id": table["Image"], "Category": category})
+    if with_ages:
+        if "age" not in scored:
+            raise DataError(f"{model.path} has no age outputs (exported before they were added)")
+        submission["age"] = scored["age"].round(1)
+        submission["age_p10"], submission["age_p90"] = scored["age_range"][:, 0], scored["age_range"][:, 1]
     if with_probabilities:
         for k, name in enumerate(model.class_names):
-            submission[f"p_{name}"] = probabilities[:, k].round(6)
+            submission[f"p_{name}"] = scored["probabilities"][:, k].round(6)
     write_atomically(submission, out)
     return submission
 
@@ -124,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help=f"exported .onnx file (default: {MODEL_DIR / 'age_ensemble.onnx'})")
     parser.add_argument("--probabilities", action="store_true", help="add one p_<age group> column per class")
+    parser.add_argument("--ages", action="store_true",
+                        help="add the age in years and its 10th-90th percentile range (age, age_p10, age_p90)")
+    parser.add_argument("--aligned", action="store_true",
+                        help="the images are already face crops: score them whole, without face detection")
     parser.add_argument("--chunk-size", type=int, default=256, help="images per onnxruntime run (default: 256)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -136,14 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         written = score_csv(args.csv, args.out, args.images_root, model_path, args.probabilities,
-                            args.chunk_size, args.workers, progress=not args.no_progress)
+                            args.chunk_size, args.workers, progress=not args.no_progress, aligned=args.aligned,
+                            with_ages=args.ages)
     except DataError as exc:
         fail("agegroup-score", str(exc), 1)
     except OSError as exc:
         fail("agegroup-score", f"{exc.filename or args.out}: {exc.strerror or exc}", 1)
     except KeyboardInterrupt:
         fail("agegroup-score", f"interrupted; {args.out} was not written", 130)
-    print(f"wrote {len(written)} rows to {args.out} in {time.perf_counter() - start:.1f}s")
+    no_face = int((written["Category"] == NO_FACE).sum())
+    print(f"wrote {len(written)} rows to {args.out} in {time.perf_counter() - start:.1f}s"
+          + (f"; {no_face} without a face (Category {NO_FACE})" if no_face else ""))
 
 
 if __name__ == "__main__":

@@ -34,14 +34,23 @@ BOUNDARIES = (f"agegroup{_SECRET}{n:x}" for n in itertools.count())
 
 @dataclass(frozen=True)
 class Route:
-    """An upload route: its file field and its integer fields with their (lowest, highest) values."""
+    """An upload route: its file field, its integer fields with their (lowest, highest) values, and optional
+    true/false fields."""
 
     file_field: str
     int_fields: dict[str, tuple[int, int]]
+    optional_bools: tuple[str, ...] = ()
 
     @property
     def fields(self) -> set[str]:
+        return {self.file_field, *self.int_fields, *self.optional_bools}
+
+    @property
+    def required(self) -> set[str]:
         return {self.file_field, *self.int_fields}
+
+
+BOOLEANS = {"true": "true", "1": "true", "false": "false", "0": "false"}  # accepted spellings -> canonical
 
 
 class RequestError(Exception):
@@ -161,12 +170,13 @@ async def parse_form(headers: Headers, raw: bytes, route: Route) -> dict[str, by
         names = [name for name, _ in form.multi_items()]
         unknown = sorted(set(names) - route.fields)
         repeated = sorted({n for n in names if names.count(n) > 1})
-        missing = sorted(route.fields - set(names))
+        missing = sorted(route.required - set(names))
         if unknown or repeated or missing:
             problems = [f"{what} {', '.join(which)}" for what, which in
                         (("unknown field(s)", unknown), ("repeated field(s)", repeated),
                          ("missing field(s)", missing)) if which]
-            raise RequestError(400, f"{'; '.join(problems)}; expected exactly {', '.join(sorted(route.fields))}")
+            optional = f" (optional: {', '.join(route.optional_bools)})" if route.optional_bools else ""
+            raise RequestError(400, f"{'; '.join(problems)}; expected {', '.join(sorted(route.required))}{optional}")
         fields: dict[str, bytes | int] = {}
         upload = form[route.file_field]
         if not isinstance(upload, UploadFile):
@@ -180,6 +190,14 @@ async def parse_form(headers: Headers, raw: bytes, route: Route) -> dict[str, by
             if not (value.strip().isascii() and value.strip().isdigit()) or not low <= int(value) <= high:
                 raise RequestError(400, f"{name} must be an integer {low}-{high}; got {value[:40]!r}")
             fields[name] = int(value)
+        for name in route.optional_bools:
+            if name not in form:
+                continue
+            value = form[name]
+            if isinstance(value, UploadFile) or value.strip().lower() not in BOOLEANS:
+                shown = "a file" if isinstance(value, UploadFile) else repr(value[:40])
+                raise RequestError(400, f"{name} must be true or false; got {shown}")
+            fields[name] = BOOLEANS[value.strip().lower()]
         return fields
     finally:
         await form.close()

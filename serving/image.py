@@ -63,6 +63,13 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
     the target size is decoded at a reduced DCT scale (still at least that large) to save memory and time.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
+    return np.asarray(decode_rgb(source, size, lambda im: im.resize(size, Image.BILINEAR)), dtype=np.uint8)
+
+
+def decode_rgb(source: bytes | str | Path | Image.Image, size: tuple[int, int], finish=None) -> Image.Image:
+    """The decoded RGB image, EXIF orientation applied, at least DRAFT_FACTOR x `size` when it was larger
+    (JPEG DCT scaling, then box reduction), with `finish` (e.g. a resize) applied inside the large-decode
+    bound. Raises InputError saying what is wrong."""
     if isinstance(source, Image.Image):
         stream = source
     elif isinstance(source, (bytes, bytearray)):
@@ -82,7 +89,8 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
                     im.load()
                     im = reduce_large(im, size)
                     ImageOps.exif_transpose(im, in_place=True)  # no copy of the decoded image
-                    pixels = np.asarray(to_rgb(im).resize(size, Image.BILINEAR), dtype=np.uint8)
+                    rgb = to_rgb(im)
+                    result = finish(rgb) if finish else rgb.copy() if rgb is im else rgb
                 if large:
                     release_memory()
     except InputError:
@@ -93,7 +101,7 @@ def prepare_image(source: bytes | str | Path | Image.Image, size: int | tuple[in
         raise InputError(NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"the image could not be decoded ({exc}); is it truncated or corrupt?") from None
-    return pixels
+    return result
 
 
 def reduce_large(im: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -102,6 +102,7 @@ class OnnxModel:
         self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers)
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         if providers[0] != self.provider:
             log.warning("%s: CUDA was asked for but could not be used; running on %s", self.path.name, self.provider)
         log.info("%s loaded on %s (input %dx%d, %d classes)", self.path.name, self.provider, self.height,
@@ -124,11 +125,30 @@ class OnnxModel:
         probabilities, labels = self.session.run(["probabilities", "label"], feed)
         return probabilities, labels
 
+    def session_output_shape(self, name: str) -> tuple[int, ...]:
+        """An output's shape without its batch dimension, e.g. (5,) for probabilities, () for label."""
+        output = next(o for o in self.session.get_outputs() if o.name == name)
+        return tuple(int(d) for d in output.shape[1:])
 
-def describe(class_names: list[str], probabilities, label: int, key: str = "class") -> dict:
-    """One prediction as JSON: the class name under `key`, its label and every probability by name."""
-    return {key: class_names[int(label)], "label": int(label),
-            "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, probabilities)}}
+    def predict_all(self, images: np.ndarray, gender=None, race=None) -> dict[str, np.ndarray]:
+        """Like predict, but every output of the graph by name (the age graph adds `age` and `age_range`)."""
+        feed = {"image": np.ascontiguousarray(images, dtype=np.uint8)}
+        if self.needs_demographics:
+            feed["gender"] = np.asarray(gender, dtype=np.int64)
+            feed["race"] = np.asarray(race, dtype=np.int64)
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+
+def describe(class_names: list[str], probabilities, label: int, key: str = "class", age=None,
+             age_range=None) -> dict:
+    """One prediction as JSON: the class name under `key`, its label and every probability by name; with a graph
+    that has them, the age in years and its 10th-90th percentile range."""
+    answer = {key: class_names[int(label)], "label": int(label),
+              "probabilities": {name: round(float(p), 6) for name, p in zip(class_names, probabilities)}}
+    if age is not None:
+        answer["age"] = round(float(age), 1)
+        answer["age_range"] = [int(round(float(a))) for a in age_range]
+    return answer
 
 
 def read_metadata(onnx_path: str | Path) -> dict:
@@ -148,7 +168,20 @@ def model_summary(onnx_path: Path) -> dict:
         "test_time_augmentation": meta.get("test_time_augmentation"),
         "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
         "preset": meta.get("preset"), "created": meta.get("created"),
+        "outputs": list(meta.get("outputs", {})),
+        "age_val_mae_years": meta.get("age_val_mae_years"),
+        "face_detection": face_detection_summary(meta.get("face_template")),
     }
+
+
+def face_detection_summary(template: dict | None) -> dict:
+    """What /model says about finding faces: the detector, the landmarks and the template's crop size."""
+    if not template:
+        return {"available": False, "note": "this model has no face template: send aligned crops (aligned=true)"}
+    return {"available": True, "detector": template["detector"], "landmarks": template["landmarks"],
+            "license": template["license"], "template_size": template["size"],
+            "default": "detect; aligned=true scores the whole image as a crop",
+            "several_faces": "the largest face is scored; faces_found says how many there were"}
 
 
 def main(argv: list[str] | None = None) -> None:

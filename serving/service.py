@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route as HttpRoute
 
 from serving.batching import AdaptiveBatcher, Overloaded
+from serving.face import FaceFinder, Framed, NoFace, prepare_face
 from serving.guard import Route, UploadGuard, error_response
 from serving.image import InputError, prepare_image
 from serving.lifecycle import exit_with_parent
@@ -50,7 +51,10 @@ INLINE_DECODE_PIXELS = 512 * 512
 
 Gender = Annotated[int, Field(ge=0, le=len(GENDER_NAMES) - 1, description="0 male, 1 female")]
 Race = Annotated[int, Field(ge=0, le=len(RACE_NAMES) - 1, description="0 White, 1 Black, 2 Asian, 3 Indian, 4 Others")]
-UPLOAD_ROUTES = {"/predict": Route("image", {"gender": (0, len(GENDER_NAMES) - 1), "race": (0, len(RACE_NAMES) - 1)}),
+Aligned = Annotated[bool, Field(description="true: the image is already a face crop framed like the training "
+                                            "crops; skip detection and score it whole")]
+UPLOAD_ROUTES = {"/predict": Route("image", {"gender": (0, len(GENDER_NAMES) - 1), "race": (0, len(RACE_NAMES) - 1)},
+                                   optional_bools=("aligned",)),
                  "/classify_image": Route("image", {})}
 
 
@@ -86,6 +90,10 @@ class AgeGroup:
                           if LAYOUT.alone_threads > LAYOUT.threads else self.age)
         self.in_flight = 0  # /predict requests this worker is decoding, batching or computing
         self.version = model_summary(AGE_MODEL)["version"]
+        template = self.age.metadata.get("face_template")
+        self.finder = FaceFinder(template) if template else None
+        if self.finder is None:
+            log.warning("%s has no face template: every image is scored whole, as an aligned crop", AGE_MODEL.name)
         self.stl10 = OnnxModel(STL10_MODEL, threads=LAYOUT.threads) if STL10_MODEL.exists() else None
         if self.stl10 is None:
             log.info("no STL-10 model at %s: /classify_image answers 404 until one is exported", STL10_MODEL)
@@ -102,13 +110,21 @@ class AgeGroup:
         self.age_batcher = batcher("predict_age", self.predict_age_batch)
         self.stl10_batcher = batcher("predict_stl10", self.predict_stl10_batch)
 
-    def predict_age_batch(self, faces: list[dict]) -> list[tuple[np.ndarray, int]]:
-        """faces: [{"image": uint8 (H, W, 3), "gender": int, "race": int}] -> (probabilities, label) each."""
+    def predict_age_batch(self, faces: list[dict]) -> list[dict]:
+        """faces: [{"image": uint8 (H, W, 3), "gender": int, "race": int}] -> each one's graph outputs by name."""
         images = np.stack([f["image"] for f in faces])  # (B, H, W, 3)
         gender, race = (np.array([f[k] for f in faces], dtype=np.int64) for k in ("gender", "race"))
         model = self.age_alone if self.in_flight <= len(faces) else self.age  # nothing else is waiting
-        probabilities, labels = model.predict(images, gender, race)
-        return list(zip(probabilities, labels.tolist()))
+        outputs = model.predict_all(images, gender, race)
+        return [{name: values[i] for name, values in outputs.items()} for i in range(len(faces))]
+
+    async def frame(self, image: Image, aligned: bool) -> Framed:
+        """The model's input for an upload: the largest face found and aligned (in a thread: dlib releases the
+        GIL), or with `aligned` the whole image as a crop."""
+        size = (self.age.width, self.age.height)
+        if aligned or self.finder is None:
+            return Framed(await decode(image, size), None, None)
+        return await asyncio.to_thread(prepare_face, image, size, self.finder)
 
     def predict_stl10_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """[(96, 96, 3) uint8] -> [(10,) probabilities]."""
@@ -116,22 +132,33 @@ class AgeGroup:
         return list(probabilities)
 
     @bentoml.api(route="/predict")
-    async def predict(self, image: Image, gender: Gender, race: Race) -> dict:
-        """The age group (10-19 ... 50-60) of the face in `image`; gender 0 male, 1 female; race 0-4.
+    async def predict(self, image: Image, gender: Gender, race: Race, aligned: Aligned = False) -> dict:
+        """The age group (10-19 ... 50-60), age in years and its 10th-90th percentile range of the face in `image`;
+        gender 0 male, 1 female; race 0-4. The largest face in the photo is found, aligned and scored
+        (`face`: its box [x, y, width, height] in the upload's pixels and the detector's score; `faces_found`);
+        `aligned=true` skips detection for images that are already face crops.
 
-        Errors: 4xx with {"error": "what is wrong"}; 503 with the same shape while the server is overloaded."""
+        Errors: 4xx with {"error": "what is wrong"} (422 when no face is found); 503 with the same shape while
+        the server is overloaded."""
         self.in_flight += 1
         try:
-            pixels = await decode(image, (self.age.width, self.age.height))
-            probabilities, label = await self.age_batcher({"image": pixels, "gender": gender, "race": race})
+            framed = await self.frame(image, aligned)
+            out = await self.age_batcher({"image": framed.pixels, "gender": gender, "race": race})
         except InputError as exc:
+            log.info("POST /predict refused with 400: %s", exc)
             return error_response(400, str(exc))
+        except NoFace as exc:
+            log.info("POST /predict refused with 422: %s", exc)
+            return error_response(422, str(exc))
         except Overloaded as exc:
             return error_response(503, str(exc))
         finally:
             self.in_flight -= 1
-        answer = describe(self.age.class_names, probabilities, label, "age_group")
-        return JSONResponse({**answer, "model_version": self.version}, headers={"X-Model-Version": self.version})
+        answer = describe(self.age.class_names, out["probabilities"], out["label"], "age_group", out.get("age"),
+                          out.get("age_range"))
+        answer.update(face=framed.face.to_json() if framed.face else None, faces_found=framed.faces_found,
+                      aligned=framed.face is None, model_version=self.version)
+        return JSONResponse(answer, headers={"X-Model-Version": self.version})
 
     @bentoml.api(route="/classify_image")
     async def classify_image(self, image: Image) -> dict:

@@ -10,17 +10,25 @@ import pytest
 from PIL import Image
 
 ROWS_PER_CLASS = 12
+FACE_IMAGE = Path(__file__).parent / "data" / "face.jpg"  # a public-domain face (tests/data/README.md)
 
 
-def make_face_folder(root: Path, rows_per_class: int = ROWS_PER_CLASS, side: int = 48, seed: int = 0) -> Path:
-    """data.csv + testdata.csv + JPEGs whose brightness and tint depend on the label, so they are learnable."""
+def face_pixels(side: int) -> np.ndarray:
+    """The test face, resized to side x side: (side, side, 3) uint8."""
+    return np.asarray(Image.open(FACE_IMAGE).convert("RGB").resize((side, side), Image.BILINEAR))
+
+
+def make_face_folder(root: Path, rows_per_class: int = ROWS_PER_CLASS, side: int = 64, seed: int = 0) -> Path:
+    """data.csv + testdata.csv + JPEGs of one real face whose brightness and tint depend on the label, so the
+    labels are learnable and the face detector still finds a face in every image."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    face = face_pixels(side).astype(np.float64)
     records = []
     for label in range(5):
         for k in range(rows_per_class):
-            base = np.array([40 + 45 * label, 200 - 35 * label, 90 + 20 * (k % 3)], dtype=np.float64)
-            pixels = np.clip(base + rng.normal(0, 25, (side, side, 3)), 0, 255).astype(np.uint8)
+            tint = np.array([40 + 45 * label, 200 - 35 * label, 90 + 20 * (k % 3)], dtype=np.float64)
+            pixels = np.clip(0.6 * face + 0.4 * tint + rng.normal(0, 8, (side, side, 3)), 0, 255).astype(np.uint8)
             name = f"images/face_{label}_{k}.jpg"
             Image.fromarray(pixels).save(root / name, quality=90)
             records.append({"Image": name, "Label": label, "Age": 15 + 10 * label, "Gender": k % 2,

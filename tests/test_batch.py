@@ -121,3 +121,26 @@ def test_ctrl_c_exits_130_with_one_line(face_dir, tiny_export, tmp_path):
     assert proc.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_rows_without_a_face_are_marked_and_aligned_crops_skip_detection(face_dir, tiny_export, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (240, 240, 240)).save(face_dir / "images" / "blank.jpg")
+    table = pd.read_csv(face_dir / "testdata.csv").head(6)
+    table.loc[2, "Image"] = "images/blank.jpg"
+    table.to_csv(tmp_path / "mixed.csv", index=False)
+    model = tiny_export / "age_ensemble.onnx"
+    detected = score_csv(tmp_path / "mixed.csv", tmp_path / "detected.csv", images_root=face_dir, model_path=model,
+                         with_ages=True, progress=False)
+    result = pd.read_csv(tmp_path / "detected.csv", dtype={"Category": str})
+    assert result["Category"].tolist()[2] == "no_face" and pd.isna(result.loc[2, "age"])
+    others = result.drop(index=2)
+    assert others["Category"].astype(int).between(0, 4).all()
+    assert ((10 <= others["age_p10"]) & (others["age_p10"] <= others["age"]) & (others["age"] <= others["age_p90"])
+            & (others["age_p90"] <= 60)).all()
+    assert len(detected) == 6
+    crops = score_csv(tmp_path / "mixed.csv", tmp_path / "crops.csv", images_root=face_dir, model_path=model,
+                      aligned=True, progress=False)
+    assert crops["Category"].astype(int).between(0, 4).all()  # the blank image is scored as a crop
+    assert list(crops.columns) == ["Id", "Category"]

@@ -16,19 +16,23 @@ def test_graph_contract(tiny_export):
     elem = onnx.TensorProto
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
     outputs = {o.name: o.type.tensor_type for o in model.graph.output}
-    assert list(inputs) == ["image", "gender", "race"] and list(outputs) == ["probabilities", "label"]
+    assert list(inputs) == ["image", "gender", "race"]
+    assert list(outputs) == ["probabilities", "label", "age", "age_range"]  # the contract's two come first
     assert inputs["image"].elem_type == elem.UINT8
     assert inputs["gender"].elem_type == inputs["race"].elem_type == elem.INT64
     assert outputs["probabilities"].elem_type == elem.FLOAT and outputs["label"].elem_type == elem.INT64
+    assert outputs["age"].elem_type == outputs["age_range"].elem_type == elem.FLOAT
     meta = json.loads((tiny_export / "age_ensemble.json").read_text())
     h, w = meta["input_size"]
     dims = [d.dim_param or d.dim_value for d in inputs["image"].shape.dim]
     assert dims[1:] == [h, w, 3] and isinstance(dims[0], str)  # N is dynamic
     assert meta["class_names"] == ["10-19", "20-29", "30-39", "40-49", "50-60"]
     for key in ("members", "ensemble_val_accuracy", "normalization", "preset", "epochs", "training_wall_time_s",
-                "data_sha256", "opset", "versions", "created"):
+                "data_sha256", "opset", "versions", "created", "face_template"):
         assert key in meta
     assert abs(sum(m["weight"] for m in meta["members"]) - 1) < 1e-6
+    assert all(m["starting_weights"]["name"] == "random initialisation" for m in meta["members"])
+    assert len(meta["face_template"]["points"]) == 5 and meta["face_template"]["size"] == [200, 200]
 
 
 @pytest.mark.parametrize("n", [1, 5, 17])
@@ -37,9 +41,14 @@ def test_onnx_matches_pytorch(tiny_run, tiny_export, n):
     graph = AgeGraph(ensemble).eval()
     inputs = example_age_inputs(n, summary["input_size"], seed=123)
     session = ort.InferenceSession(str(tiny_export / "age_ensemble.onnx"), providers=["CPUExecutionProvider"])
-    probs, labels = session.run(None, {k: v.numpy() for k, v in zip(["image", "gender", "race"], inputs)})
+    probs, labels, age, age_range = session.run(None, {k: v.numpy() for k, v in zip(["image", "gender", "race"],
+                                                                                    inputs)})
     with torch.no_grad():
-        expected, expected_labels = graph(*inputs)
+        expected, expected_labels, expected_age, expected_range = graph(*inputs)
+    assert age.shape == (n,) and age_range.shape == (n, 2)
+    assert np.abs(age - expected_age.numpy()).max() <= 1e-3
+    assert np.array_equal(age_range, expected_range.numpy())
+    assert ((10 <= age_range[:, 0]) & (age_range[:, 0] <= age) & (age <= age_range[:, 1]) & (age_range[:, 1] <= 60)).all()
     assert probs.shape == (n, 5) and probs.dtype == np.float32 and labels.dtype == np.int64
     assert np.abs(probs - expected.numpy()).max() <= 1e-4
     assert np.array_equal(labels, expected_labels.numpy())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import face_pixels
 from serving.image import MAX_UPLOAD_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,10 +64,18 @@ def server(tiny_export, tmp_path_factory):
     log.close()
 
 
-def jpeg(side: int = 60, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+def jpeg(side: int = 100, seed: int = 0) -> bytes:
+    """A face photo (the test face, with a little noise) as JPEG bytes."""
+    noise = np.random.default_rng(seed).normal(0, 6, (side, side, 3))
+    pixels = np.clip(face_pixels(side) + noise, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def encoded(pixels: np.ndarray, kind: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=kind)
     return buffer.getvalue()
 
 
@@ -80,12 +89,51 @@ def test_predict_returns_age_group_and_probabilities(server):
     response = post(server, jpeg())
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"age_group", "label", "probabilities", "model_version"}
+    assert set(body) == {"age_group", "label", "probabilities", "age", "age_range", "face", "faces_found", "aligned",
+                         "model_version"}
     assert body["model_version"].startswith("sha256:") and response.headers["X-Model-Version"] == body["model_version"]
     assert list(body["probabilities"]) == ["10-19", "20-29", "30-39", "40-49", "50-60"]
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
     assert body["age_group"] == list(body["probabilities"])[body["label"]]
     assert body["age_group"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert 10 <= body["age_range"][0] <= body["age"] <= body["age_range"][1] <= 60
+    assert body["faces_found"] == 1 and body["aligned"] is False
+    x, y, w, h = body["face"]["box"]
+    assert 0 <= x < 50 and 0 <= y < 50 and 30 <= w <= 100 and 30 <= h <= 100 and body["face"]["score"] > 0
+
+
+def test_a_face_in_a_photo_is_found_where_it_is(server):
+    photo = np.full((480, 640, 3), 70, dtype=np.uint8)
+    photo[200:400, 300:500] = face_pixels(200)  # the face fills the middle of the pasted 200 px square
+    body = post(server, encoded(photo, "JPEG")).json()
+    x, y, w, h = body["face"]["box"]
+    assert abs(x + w / 2 - 400) < 15 and abs(y + h / 2 - 300) < 20 and 90 < w < 160, body
+    assert body["faces_found"] == 1
+
+
+def test_the_largest_of_several_faces_is_scored(server):
+    photo = np.full((480, 640, 3), 200, dtype=np.uint8)
+    photo[10:210, 10:210] = face_pixels(200)
+    photo[200:470, 360:630] = face_pixels(270)
+    body = post(server, encoded(photo)).json()
+    assert body["faces_found"] == 2 and body["face"]["box"][0] > 360, body
+
+
+def test_an_image_without_a_face_gets_a_422(server):
+    for pixels in (np.full((300, 400, 3), 255, dtype=np.uint8),
+                   np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8)):
+        assert_error(post(server, encoded(pixels)), 422, "no face found in the image")
+
+
+def test_aligned_crops_skip_detection(server):
+    blank = encoded(np.full((80, 80, 3), 128, dtype=np.uint8))
+    for value in ("true", "1", "TRUE"):
+        response = post(server, blank, {"gender": "0", "race": "1", "aligned": value})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["aligned"] is True and body["face"] is None and body["faces_found"] is None
+    detected = post(server, jpeg(), {"gender": "1", "race": "2", "aligned": "false"}).json()
+    assert detected["aligned"] is False and detected["faces_found"] == 1
 
 
 def huge_png() -> bytes:
@@ -111,6 +159,9 @@ BAD_REQUESTS = [
     ("gender true", "jpeg", {"gender": "true", "race": "0"}, 400, "gender must be an integer 0-1"),
     ("race true", "jpeg", {"gender": "0", "race": "true"}, 400, "race must be an integer 0-4"),
     ("unknown field", "jpeg", {"gender": "0", "race": "1", "age": "30"}, 400, "unknown field(s) age"),
+    ("aligned yes", "jpeg", {"gender": "0", "race": "1", "aligned": "yes"}, 400, "aligned must be true or false"),
+    ("aligned twice", "jpeg", {"gender": "0", "race": "1", "aligned": ["true", "false"]}, 400,
+     "repeated field(s) aligned"),
 ]
 
 
@@ -230,9 +281,7 @@ def test_slow_upload_is_dropped_and_others_are_served(server):
 def test_small_and_large_images_are_both_answered(server):
     """Small uploads are decoded on the event loop, large ones (over INLINE_DECODE_PIXELS) in a thread."""
     for side in (80, 800):
-        buffer = io.BytesIO()
-        Image.fromarray(np.full((side, side, 3), 120, dtype=np.uint8)).save(buffer, format="PNG")
-        response = post(server, buffer.getvalue())
+        response = post(server, encoded(face_pixels(side)))
         assert response.status_code == 200, response.text
         assert response.json()["age_group"] in ("10-19", "20-29", "30-39", "40-49", "50-60")
 
@@ -242,6 +291,8 @@ def test_model_endpoint_names_the_version(server):
     assert info["version"].startswith("sha256:") and len(info["version"]) == 7 + 64
     assert info["class_names"] == ["10-19", "20-29", "30-39", "40-49", "50-60"]
     assert info["members"] and {"name", "weight", "val_accuracy"} <= set(info["members"][0])
+    assert info["outputs"] == ["probabilities", "label", "age", "age_range"]
+    assert info["face_detection"]["available"] and "5_face_landmarks" in info["face_detection"]["landmarks"]
     assert post(server, jpeg()).json()["model_version"] == info["version"]
 
 
@@ -249,6 +300,7 @@ def test_schema_states_the_ranges(server):
     spec = httpx.get(server + "/docs.json", timeout=10).json()
     text = str(spec["components"]["schemas"])
     assert "'maximum': 1" in text and "'maximum': 4" in text, text[:2000]
+    assert "aligned" in text and "face crop" in text
 
 
 def test_readyz_answers_under_load(server):

@@ -30,12 +30,16 @@ class MemberConfig:
     name: str
     dropout: tuple[float, ...] = (0.0,) * 8  # vgg only: dropout rate after each of the 8 conv blocks (0 = none)
     seed: int = 0  # initialisation and shuffling seed, so members differ even when dropout does not
-    arch: str = "vgg"  # "vgg" (the course design) or "resnet" (strided stem, basic-block stages)
+    arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages) or "face" (dlib's
+    # face-recognition ResNet, started from its published weights; training.dlib_weights)
     width: int = 32  # resnet only: channels of the first stage, doubled at every later stage
     depth: tuple[int, ...] = (1, 1, 1, 1)  # resnet only: basic blocks per stage
     target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
     head_hidden: int = 32  # width of the head's hidden layer
     head_dropout: float = 0.5  # dropout before the head's last layer
+    crop: float = 1.0  # share of the image side kept, centred, and resized back to the input size (a framing)
+    backbone_lr: float = 1.0  # the backbone's learning rate as a share of the run's (pretrained backbones: < 1)
+    freeze: int = 0  # face only: the stem and this many residual stages keep their pretrained weights
 
 
 # The course report's five members: 0.5 on block 7; 0.5 on blocks 6-7; 0.25 everywhere; 0.1 everywhere; none.
@@ -57,7 +61,16 @@ NEW_MEMBERS = (
                  head_dropout=0.3),
     MemberConfig("res48-age", seed=16, arch="resnet", width=48, target="age", head_hidden=128, head_dropout=0.3),
 )
-DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS  # every member a preset or --members can name
+# Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target and freezing.
+FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1)
+FACE_MEMBERS = (
+    MemberConfig("face-age", seed=21, target="age", **FACE),
+    MemberConfig("face-age-c85", seed=22, target="age", crop=0.85, **FACE),
+    MemberConfig("face-age-frz", seed=23, target="age", crop=0.92, freeze=2, **FACE),
+    MemberConfig("face-group", seed=24, **FACE),
+    MemberConfig("face-group-c85", seed=25, crop=0.85, **FACE),
+)
+DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS + FACE_MEMBERS  # every member a preset or --members can name
 
 
 @dataclass
@@ -94,6 +107,9 @@ AGE_PRESETS: dict[str, dict] = {
     # 2-core CPU, <= 120 min: three members that differ in backbone and target, 80 px, 40 epochs each
     # (measured 0.69 / 0.87 / 0.69 min per epoch on 2 idle cores; bench/results/experiments.md ranks them).
     "cpu": dict(input_size=80, epochs=40, batch_size=64, members=("vgg-age", "res-age", "vgg-group")),
+    # 2-core CPU: members fine-tuned from dlib's face-recognition ResNet at its own 150 px (bench/results/experiments.md).
+    "face": dict(input_size=150, epochs=10, batch_size=64, lr=1e-3, age_sigma=3.0,
+                 members=("face-age", "face-age-c85", "face-age-frz")),
     # The course report's design as it ran before: 5 VGG members differing in dropout, 80 px, 20 epochs.
     "course": dict(input_size=80, epochs=20, batch_size=64, members=tuple(m.name for m in COURSE_MEMBERS)),
     # The new recipe where a GPU is lent: five members at 96 px, 40 epochs, bf16 autocast.

@@ -23,19 +23,25 @@ from torch import nn
 
 from serving.cli import ArgumentParser, fail
 from training.config import AGE_GROUPS, GENDERS, RACES, STL10_CLASSES
-from training.models import AgeEnsemble, Stl10MLP, build_member
+from training.models import AgeEnsemble, Stl10MLP, age_summary, build_member
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| allowed at export
 PARITY_BATCHES = (1, 5)
+AGE_PARITY_YEARS = 1e-2  # max |age_onnx - age_torch|; a range end may move by a year at a quantile's edge only
+# when the cumulative probability sits within float error of 0.1 or 0.9, which random inputs never hit
 
 
 class ExportError(RuntimeError):
     """The graph failed a check; nothing was written."""
 
 
+AGE_OUTPUTS = ["probabilities", "label", "age", "age_range"]
+
+
 class AgeGraph(nn.Module):
-    """What the ONNX file computes: uint8 NHWC image + gender + race -> ensemble probabilities and label."""
+    """What the ONNX file computes: uint8 NHWC image + gender + race -> ensemble probabilities and label, the
+    expected age in years and its 10th-90th percentile range."""
 
     def __init__(self, ensemble: AgeEnsemble):
         super().__init__()
@@ -43,8 +49,9 @@ class AgeGraph(nn.Module):
 
     def forward(self, image: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
         x = image.permute(0, 3, 1, 2).to(torch.float32)  # (N, H, W, 3) uint8 -> (N, 3, H, W) float 0..255
-        probabilities = self.ensemble(x, gender, race)  # (N, 5), rows sum to 1
-        return probabilities, probabilities.argmax(dim=1)
+        probabilities, ages = self.ensemble.predict(x, gender, race)  # (N, 5) rows sum to 1; (N, 51)
+        age, age_range = age_summary(ages)  # (N,), (N, 2)
+        return probabilities, probabilities.argmax(dim=1), age, age_range
 
 
 class ImageGraph(nn.Module):
@@ -82,13 +89,14 @@ def example_age_inputs(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, 
             torch.randint(0, len(GENDERS), (n,), generator=g), torch.randint(0, len(RACES), (n,), generator=g))
 
 
-def export_graph(graph: nn.Module, inputs: tuple, input_names: list[str], path: Path) -> None:
+def export_graph(graph: nn.Module, inputs: tuple, input_names: list[str], path: Path,
+                 output_names: list[str] = AGE_OUTPUTS[:2]) -> None:
     """torch -> ONNX with a dynamic batch dimension on every input and output, then onnx.checker."""
-    names = input_names + ["probabilities", "label"]
+    names = input_names + output_names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(graph.eval(), inputs, str(path), input_names=input_names,
-                          output_names=["probabilities", "label"], opset_version=OPSET, dynamo=False,
+                          output_names=output_names, opset_version=OPSET, dynamo=False,
                           dynamic_axes={name: {0: "N"} for name in names}, do_constant_folding=True)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
@@ -100,12 +108,17 @@ def check_parity(graph: nn.Module, path: Path, make_inputs, input_names: list[st
     for n in PARITY_BATCHES:
         inputs = make_inputs(n)
         with torch.no_grad():
-            probs_t, label_t = (t.numpy() for t in graph(*inputs))
-        probs_o, label_o = session.run(None, {k: v.numpy() for k, v in zip(input_names, inputs)})
+            probs_t, label_t, *extra_t = (t.numpy() for t in graph(*inputs))
+        probs_o, label_o, *extra_o = session.run(None, {k: v.numpy() for k, v in zip(input_names, inputs)})
         delta = float(np.abs(probs_o - probs_t).max())
         same = bool((label_o == label_t).all())
         report[f"N={n}"] = {"max_abs_diff": delta, "labels_equal": same,
                             "row_sum_max_error": float(np.abs(probs_o.sum(1) - 1).max())}
+        if extra_t:  # age in years and its range: years, so a looser bound than probabilities
+            age_delta = max(float(np.abs(o - t).max()) for o, t in zip(extra_o, extra_t))
+            report[f"N={n}"]["age_max_abs_diff_years"] = age_delta
+            if age_delta > AGE_PARITY_YEARS:
+                raise ExportError(f"ONNX/PyTorch parity failed at N={n}: age differs by {age_delta:.3f} years")
         if delta > PARITY_TOLERANCE or not same or label_o.dtype != np.int64 or probs_o.dtype != np.float32:
             raise ExportError(f"ONNX/PyTorch parity failed at N={n}: max |dprob| {delta:.2e} "
                               f"(limit {PARITY_TOLERANCE:.0e}), labels equal: {same}")
@@ -132,11 +145,15 @@ def publish(files: dict[str, bytes | Path], out_dir: Path) -> None:
 def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Export the whole weighted softmax ensemble of a run as out_dir/age_ensemble.{onnx,json}."""
     ensemble, summary = load_age_ensemble(run_dir)
+    template_path = Path(run_dir) / "face_template.json"
+    if not template_path.is_file():
+        raise ExportError(f"{template_path} not found: fit it with agegroup-train template --out-dir {run_dir}")
+    template = json.loads(template_path.read_text())
     graph, size = AgeGraph(ensemble).eval(), summary["input_size"]
     names = ["image", "gender", "race"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "age_ensemble.onnx"
-        export_graph(graph, example_age_inputs(2, size), names, path)
+        export_graph(graph, example_age_inputs(2, size), names, path, AGE_OUTPUTS)
         parity = check_parity(graph, path, lambda n: example_age_inputs(n, size), names)
         config = summary["config"]
         metadata = {
@@ -144,7 +161,9 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
             "inputs": {"image": f"uint8 [N, {size}, {size}, 3] RGB", "gender": "int64 [N] 0 male, 1 female",
                        "race": "int64 [N] 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others"},
             "outputs": {"probabilities": "float32 [N, 5] weighted average of member softmaxes",
-                        "label": "int64 [N] argmax of probabilities"},
+                        "label": "int64 [N] argmax of probabilities",
+                        "age": "float32 [N] expected age in years (the exact-age members' weighted mix)",
+                        "age_range": "float32 [N, 2] 10th and 90th percentile of that age distribution"},
             "input_size": [size, size],
             "resize": "Pillow bilinear from the RGB image, after EXIF orientation",
             "class_names": list(AGE_GROUPS),
@@ -152,7 +171,10 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
                               "units": "0-255 pixel values, per RGB channel, from the training split"},
             "members": [{"name": m["name"], "config": m["member"], "weight": m["weight"],
                          "val_accuracy": m["val_accuracy"], "val_macro_f1": m["val_macro_f1"],
-                         "train_seconds": round(m["train_seconds"], 1)} for m in summary["members"]],
+                         "train_seconds": round(m["train_seconds"], 1),
+                         "starting_weights": m.get("starting_weights", {"name": "random initialisation"})}
+                        for m in summary["members"]],
+            "face_template": template,
             "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
             "ensemble_val_macro_f1": summary["ensemble"]["macro_f1"],
             "uniform_weights_val_accuracy": summary["uniform"]["accuracy"],

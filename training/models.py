@@ -98,6 +98,72 @@ def resnet_features(width: int, depth: tuple[int, ...]) -> tuple[nn.Sequential, 
     return nn.Sequential(*layers), c_in
 
 
+BN_EPS = 1e-5  # BatchNorm2d's default; a dlib affine layer is loaded as running variance 1 - BN_EPS
+
+
+class FaceResBlock(nn.Module):
+    """dlib's residual block: Conv3x3-BN-ReLU-Conv3x3-BN plus the input, then ReLU. A block that halves the map
+    does it with an unpadded strided conv and adds a 2x2 average pool of its input, as dlib's add_prev does:
+    over the larger of the two shapes, the smaller one (fewer channels, or a map one pixel short) zero-padded
+    at the end."""
+
+    def __init__(self, c_in: int, c_out: int, down: bool):
+        super().__init__()
+        self.down = down
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 2 if down else 1, 0 if down else 1)
+        self.bn1 = nn.BatchNorm2d(c_out, eps=BN_EPS)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.down:
+            x = F.avg_pool2d(x, 2, 2)
+        return F.relu(pad_to(y, x.shape) + pad_to(x, y.shape))
+
+
+def pad_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Zero-pad (B, C, H, W) at the end of C, H and W up to `shape` where it is smaller (sizes are static)."""
+    extra = [max(0, int(shape[d]) - int(x.shape[d])) for d in (3, 2, 1)]
+    return F.pad(x, (0, extra[0], 0, extra[1], 0, extra[2])) if any(extra) else x
+
+
+class FaceResNet(nn.Module):
+    """dlib's face-recognition ResNet (dlib_face_recognition_resnet_model_v1): an unpadded 7x7/2 stem, 3x3/2 max
+    pool, then residual stages of 32, 64, 128, 256 and 256 channels; 150 px in, (B, 256, 2, 2) out. `descriptor`
+    adds dlib's last layers (global average pool, 128-d linear map) to compare the port with dlib itself.
+    Weights come from training.dlib_weights.dlib_state_dict."""
+
+    def __init__(self):
+        from training.dlib_weights import STAGES, STEM_CHANNELS
+
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, 7, 2, 0), nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+        stages, c_in = [], STEM_CHANNELS
+        for stage, (c_out, blocks) in enumerate(STAGES):
+            stages.append(nn.Sequential(*(FaceResBlock(c_in if b == 0 else c_out, c_out, stage > 0 and b == 0)
+                                          for b in range(blocks))))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.channels = c_in
+        self.descriptor = nn.Linear(c_in, 128, bias=False)  # dlib's fc_no_bias; unused by AgeCNN
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))  # (B, 256, h, w)
+
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        """Every convolution with the BatchNorm that follows it."""
+        pairs = [(self.stem[0], self.stem[1])]
+        for stage in self.stages:
+            pairs += [(b.conv1, b.bn1) for b in stage] + [(b.conv2, b.bn2) for b in stage]
+        return pairs
+
+    def describe(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 150, 150) normalised as dlib does -> (B, 128) face descriptor."""
+        return self.descriptor(self(x).mean(dim=(2, 3)))
+
+
 def age_group_matrix() -> torch.Tensor:
     """(51, 5) 0/1: which group each exact age 10-60 belongs to."""
     groups = torch.tensor([group_of_age(a) for a in AGES])
@@ -114,16 +180,23 @@ class AgeCNN(nn.Module):
     def __init__(self, input_size: int, dropout: tuple[float, ...] = (0.0,) * 8,
                  mean: tuple[float, ...] = (127.5,) * 3, std: tuple[float, ...] = (64.0,) * 3, *,
                  arch: str = "vgg", width: int = 32, depth: tuple[int, ...] = (1, 1, 1, 1),
-                 target: str = "group", head_hidden: int = 32, head_dropout: float = 0.5):
+                 target: str = "group", head_hidden: int = 32, head_dropout: float = 0.5, crop: float = 1.0,
+                 backbone_lr: float = 1.0, freeze: int = 0):
         super().__init__()
-        self.input_size, self.target = input_size, target
+        self.input_size, self.target, self.crop, self.backbone_lr = input_size, target, crop, backbone_lr
         self.normalize = Normalize(mean, std)
         if arch == "vgg":
             self.features, channels = vgg_features(input_size, dropout)
         elif arch == "resnet":
             self.features, channels = resnet_features(width, depth)
+        elif arch == "face":
+            self.features = FaceResNet()
+            channels = self.features.channels
+            self.features.descriptor.requires_grad_(False)
+            for frozen in [self.features.stem, *self.features.stages[:freeze]]:
+                frozen.requires_grad_(False)
         else:
-            raise ValueError(f"unknown arch {arch!r}; choose vgg or resnet")
+            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet or face")
         self.pool = nn.AdaptiveAvgPool2d(1)  # identity-sized at 224 px with vgg; averages any map to 1x1
         outputs = {"group": len(AGE_GROUPS), "age": len(AGES)}[target]
         self.head = nn.Sequential(
@@ -137,10 +210,81 @@ class AgeCNN(nn.Module):
             self.register_buffer("age_to_group", age_group_matrix(), persistent=False)
 
     def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(images))  # (B, C, h, w)
+        x = self.features(self.normalize(self.frame(images)))  # (B, C, h, w)
         x = self.pool(x).flatten(1)  # (B, C)
         x = torch.cat([x, one_hot(gender, len(GENDERS)), one_hot(race, len(RACES))], dim=1)  # (B, C + 7)
         return self.head(x)  # (B, 5) group logits or (B, 51) age logits
+
+    def frame(self, images: torch.Tensor) -> torch.Tensor:
+        """The centred `crop` share of the image, resized back to the input size (bilinear); or the image."""
+        if self.crop >= 1:
+            return images
+        side = images.shape[-1]
+        keep = round(side * self.crop)
+        start = (side - keep) // 2
+        window = images[:, :, start:start + keep, start:start + keep]
+        return F.interpolate(window, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, images: torch.Tensor, batch_size: int = 64) -> None:
+        """Make a backbone loaded from folded affine layers (BatchNorm with mean 0, variance 1 - eps) train like
+        a batch-normalised one: measure each BatchNorm's input mean and variance over `images` (B, 3, H, W,
+        0..255), make them the running statistics and rescale weight and bias so that eval output is unchanged.
+        Without this, training-mode batch statistics would replace dlib's folded ones and wreck the features."""
+        norms = [m for m in self.features.modules() if isinstance(m, nn.BatchNorm2d)]
+        sums: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in norms}
+        if isinstance(self.features, FaceResNet):
+            # dlib's convolutions are tiny (mean |w| 0.0005-0.01, deeper ones smaller): an Adam step of 1e-4 would
+            # overwrite them within an epoch. A BatchNorm follows each one, so scaling a conv by c and dividing
+            # the affine scale after it by c leaves the function as it is; scale each to He-initialisation size.
+            for conv, norm in self.features.conv_norm_pairs():
+                c = (2.0 / conv.weight[0].numel()) ** 0.5 / conv.weight.std()
+                conv.weight.mul_(c)
+                conv.bias.mul_(c)
+                norm.weight.div_(c)  # still folded (running mean 0, variance 1 - eps): weight is the scale
+
+        def record(module, inputs, _output):
+            x = inputs[0].double()
+            acc = sums[module]
+            acc[0] = acc[0] + x.sum(dim=(0, 2, 3))
+            acc[1] = acc[1] + (x * x).sum(dim=(0, 2, 3))
+            acc[2] += x.numel() // x.shape[1]
+
+        hooks = [m.register_forward_hook(record) for m in norms]
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(images), batch_size):
+                self.features(self.normalize(self.frame(images[start:start + batch_size].float())))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        for m in norms:
+            total, squares, count = sums[m]
+            mean = total / count
+            var = (squares / count - mean * mean).clamp_min(0)
+            scale = m.weight.double() / (m.running_var.double() + m.eps).sqrt()  # the folded dlib scale
+            shift = m.bias.double() - scale * m.running_mean.double()
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.weight.copy_(scale * (var + m.eps).sqrt())
+            m.bias.copy_(shift + scale * mean)
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """Optimizer groups: the backbone at `backbone_lr` x lr, the head at lr; frozen weights left out."""
+        backbone = [p for p in self.features.parameters() if p.requires_grad]
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        return [{"params": backbone, "lr": lr * self.backbone_lr}, {"params": head, "lr": lr}]
+
+    def train(self, mode: bool = True):
+        """Frozen stages keep their BatchNorm statistics too (eval mode), so they stay the pretrained ones."""
+        super().train(mode)
+        if mode and isinstance(self.features, FaceResNet):
+            for module in [self.features.stem, *self.features.stages]:
+                if not any(p.requires_grad for p in module.parameters()):
+                    module.eval()
+        return self
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """Head logits -> (B, 5) group probabilities that sum to 1."""
@@ -149,6 +293,14 @@ class AgeCNN(nn.Module):
 
     def group_probs(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
         return self.decode(self(images, gender, race))
+
+    def age_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Head logits -> (B, 51) a distribution over the ages 10-60: an age head's softmax, or a group head's
+        probabilities spread evenly over the ages of each group."""
+        if self.target == "age":
+            return logits.softmax(dim=1)
+        spread = age_group_matrix().to(logits.device)  # (51, 5)
+        return logits.softmax(dim=1) @ (spread / spread.sum(dim=0)).T
 
 
 class AgeEnsemble(nn.Module):
@@ -172,6 +324,37 @@ class AgeEnsemble(nn.Module):
         probs = self.member_probs(images, gender, race)  # (M, B, 5)
         return (probs * self.weights.view(-1, 1, 1)).sum(dim=0)  # (B, 5)
 
+    def predict(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
+        """One pass over the members: (B, 5) group probabilities, as forward, and (B, 51) the age distribution:
+        the weighted mix of the exact-age members' (weights renormalised among them), or of every member's
+        group probabilities spread over their ages when no member scores exact ages."""
+        def outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = [m(x, gender, race) for m in self.members]
+            groups = torch.stack([m.decode(z) for m, z in zip(self.members, logits)])  # (M, B, 5)
+            ages = torch.stack([m.age_probs(z) for m, z in zip(self.members, logits)])  # (M, B, 51)
+            return groups, ages
+
+        groups, ages = outputs(images)
+        if self.tta_flip:
+            mirrored_groups, mirrored_ages = outputs(images.flip(3))
+            groups, ages = 0.5 * (groups + mirrored_groups), 0.5 * (ages + mirrored_ages)
+        scores_ages = torch.tensor([m.target == "age" for m in self.members], device=images.device)
+        age_weights = self.weights * scores_ages if bool(scores_ages.any()) else self.weights
+        age_weights = age_weights / age_weights.sum()
+        probs = (groups * self.weights.view(-1, 1, 1)).sum(dim=0)  # (B, 5)
+        return probs, (ages * age_weights.view(-1, 1, 1)).sum(dim=0)  # (B, 5), (B, 51)
+
+
+def age_summary(distribution: torch.Tensor, low: float = 0.1, high: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 51) distributions over the ages 10-60 -> (B,) expected age and (B, 2) the `low` and `high` quantiles
+    (the youngest age whose cumulative probability reaches each)."""
+    grid = torch.tensor(AGES, dtype=distribution.dtype, device=distribution.device)
+    expected = distribution @ grid
+    cdf = distribution.cumsum(dim=1)
+    quantiles = torch.tensor([low, high], dtype=distribution.dtype, device=distribution.device)
+    below = (cdf.unsqueeze(1) < quantiles.view(1, 2, 1)).to(distribution.dtype).sum(dim=2)  # (B, 2) ages below
+    return expected, (grid[0] + below).clamp(max=grid[-1])
+
 
 class Stl10MLP(nn.Module):
     """Flatten 3x96x96 -> [Linear -> BatchNorm -> ReLU -> Dropout] per hidden layer -> 10 classes."""
@@ -193,15 +376,28 @@ class Stl10MLP(nn.Module):
         return self.mlp(self.normalize(images).flatten(1))  # (B, 27648) -> (B, 10) logits
 
 
-def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5,) * 3, std=(64.0,) * 3) -> AgeCNN:
-    """The public factory: an AgeCNN for a member config (or its name) at an input size."""
+def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5,) * 3, std=(64.0,) * 3,
+                 pretrained: bool = False) -> AgeCNN:
+    """The public factory: an AgeCNN for a member config (or its name) at an input size.
+
+    `pretrained` starts a "face" backbone from dlib's published weights, normalised as dlib normalises
+    ((x - its channel means) / 256) instead of with `mean` and `std`; a checkpoint restores both anyway."""
     if isinstance(member, str):
         member = member_by_name(member)
     elif isinstance(member, dict):
         member = MemberConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in member.items()})
-    return AgeCNN(input_size, tuple(float(p) for p in member.dropout), mean, std, arch=member.arch,
-                  width=member.width, depth=tuple(member.depth), target=member.target,
-                  head_hidden=member.head_hidden, head_dropout=member.head_dropout)
+    if pretrained and member.arch == "face":
+        from training.dlib_weights import dlib_state_dict
+
+        state, settings = dlib_state_dict()
+        mean, std = settings["means"], (256.0,) * 3
+    model = AgeCNN(input_size, tuple(float(p) for p in member.dropout), mean, std, arch=member.arch,
+                   width=member.width, depth=tuple(member.depth), target=member.target,
+                   head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
+                   backbone_lr=member.backbone_lr, freeze=member.freeze)
+    if pretrained and member.arch == "face":
+        model.features.load_state_dict(state)
+    return model
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, label_smoothing: float = 0.0):

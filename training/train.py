@@ -48,6 +48,11 @@ from training.data import (
 from training.models import Stl10MLP, age_distribution_loss, build_member, focal_loss
 
 
+TEMPLATE_FILE = "face_template.json"
+CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
+CALIBRATION_IMAGES = 1024  # training images that set a pretrained backbone's BatchNorm statistics
+
+
 def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
                     ema=None, mixup: float = 0.0) -> dict:
     """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy.
@@ -127,7 +132,8 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema), use_buffers=True) if ema else None)
     scored = averaged.module if averaged is not None else model  # what is validated and saved
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    groups = model.parameter_groups(lr) if hasattr(model, "parameter_groups") else model.parameters()
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     steps_per_epoch, total = len(train_batches), epochs * len(train_batches)
     warmup = int(warmup_epochs * steps_per_epoch)
     if lr_step:
@@ -143,7 +149,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
         val = evaluate(scored, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+               "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start}
         history.append(row)
         improved = best is None or val["accuracy"] > best["val_accuracy"]
         print(f"{name} epoch {epoch:3d}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
@@ -241,19 +247,24 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     results = []
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
-        model = build_member(member, cfg.input_size, mean, std).to(device, memory_format=torch.channels_last)
+        model = build_member(member, cfg.input_size, mean, std, pretrained=True)
+        model = model.to(device, memory_format=torch.channels_last)
         loss_fn = make_member_loss(cfg, model)
+        origin = starting_weights(member.arch)
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
         if previous and previous.get("complete") and same_recipe(previous["config"], common["config"]):
             print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
             model.load_state_dict(previous["state_dict"])
         else:
             torch.manual_seed(member.seed)
+            if member.arch == "face":  # pretrained: batch statistics from a sample of the training images
+                model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
                                     seed=member.seed)
             fit(model, train_batches, val_batches, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                loss_fn=loss_fn, checkpoint=checkpoint, extra={**common, "member": asdict(member)},
+                loss_fn=loss_fn, checkpoint=checkpoint,
+                extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
                 name=member.name, ema=cfg.ema, mixup=cfg.mixup)
             previous = torch.load(checkpoint, weights_only=False)
@@ -263,6 +274,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         plot_confusion(val["targets"], val["probs"].argmax(1), AGE_GROUPS, out / f"confusion-{member.name}.png",
                        f"{member.name}: val accuracy {val['accuracy']:.3f}")
         results.append({"name": member.name, "member": asdict(member), "checkpoint": checkpoint.name,
+                        "starting_weights": origin,
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
                         "mirrored_probs": mirrored["probs"]})
@@ -289,9 +301,32 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                "train_seconds": sum(r["train_seconds"] for r in results), "preset": cfg.preset,
                "epochs": cfg.epochs}
     torch.save(summary, out / "ensemble.pt")
+    write_face_template(table["path"].iloc[train_idx].tolist(), out)
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_index"}, indent=2))
     print_summary(results, uniform, without_flip, with_flip, tta_flip)
     return summary
+
+
+def starting_weights(arch: str) -> dict:
+    """Where a member's weights start: dlib's file (name, sha256, license) for "face", else random init."""
+    if arch != "face":
+        return {"name": "random initialisation"}
+    from training.dlib_weights import find_weights_file, provenance
+
+    return provenance(find_weights_file())
+
+
+def write_face_template(paths: list[str], out_dir: Path) -> dict:
+    """Fit the face template (mean landmarks of the training crops, serving/face.py) and write it to
+    out_dir/face_template.json, where agegroup-export finds it. Also says how many crops had a face found."""
+    from serving.face import FaceFinder, fit_template
+
+    t0 = time.perf_counter()
+    template = fit_template(FaceFinder(), list(load_images(paths, CROP_SIDE)))
+    (Path(out_dir) / TEMPLATE_FILE).write_text(json.dumps(template, indent=2) + "\n")
+    print(f"face template: landmarks found on {template['faces_found']}/{template['images']} training crops "
+          f"in {time.perf_counter() - t0:.0f}s -> {Path(out_dir) / TEMPLATE_FILE}", flush=True)
+    return template
 
 
 def same_recipe(a: dict, b: dict) -> bool:
@@ -354,11 +389,26 @@ def train_stl10(cfg: Stl10TrainConfig) -> dict:
     return {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "checkpoint": str(checkpoint)}
 
 
+def fit_run_template(data_dir: Path, out_dir: Path) -> dict:
+    """The template of a finished run, from the same training split (the split settings of its summary)."""
+    summary_path = Path(out_dir) / "ensemble.pt"
+    if not summary_path.is_file():
+        raise DataError(f"{summary_path} not found: train first (agegroup-train age --out-dir {out_dir})")
+    config = torch.load(summary_path, weights_only=False)["config"]
+    table = read_face_table(Path(data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=config["limit"],
+                            ages=(AGES[0], AGES[-1]))
+    train_idx, _ = stratified_split(table["Label"].to_numpy(), config["val_fraction"], config["split_seed"])
+    return write_face_template(table["path"].iloc[train_idx].tolist(), out_dir)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="agegroup-train", description=__doc__.split("\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True, parser_class=ArgumentParser)
     age = tasks.add_parser("age", help="train the age-group CNN ensemble on a faces folder")
     add_config_arguments(age, AgeTrainConfig, AGE_PRESETS)
+    template = tasks.add_parser("template", help="fit only the face template of a run (training does it too)")
+    template.add_argument("--data-dir", type=Path, default=AgeTrainConfig.data_dir, help="folder with data.csv")
+    template.add_argument("--out-dir", type=Path, required=True, help="the run folder to write it to")
     stl = tasks.add_parser("stl10", help="train the STL-10 MLP on an stl10_binary folder")
     add_config_arguments(stl, Stl10TrainConfig, STL10_PRESETS)
     return parser
@@ -372,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             for name in cfg.members:
                 member_by_name(name)
             train_age_ensemble(cfg)
+        elif args.task == "template":
+            fit_run_template(args.data_dir, args.out_dir)
         else:
             train_stl10(config_from_args(args, Stl10TrainConfig, STL10_PRESETS))
     except (DataError, UnknownMember) as exc:
