@@ -32,6 +32,10 @@ DETECT_SIDE = 448
 # A photo this small is searched once more at twice its size when nothing was found at first (a face filling a
 # 100-200 px thumbnail is often just under the detector's window).
 UPSAMPLE_BELOW = 260
+# The detector's margin a face must reach. dlib's default is 0; on bench/wild.py's synthetic photos (faces turned
+# up to 20 degrees) -0.5 raised recall from 92 % to 98 % with no false detection in 200 photos without a face,
+# where -0.7 reached 99.5 % but accepted 1.5 % of them.
+DETECT_THRESHOLD = -0.5
 NO_FACE = "no face found in the image"
 
 
@@ -80,7 +84,7 @@ class FaceFinder:
         for _ in range(copies or os.cpu_count() or 1):
             self.models.put((dlib.get_frontal_face_detector(), dlib.shape_predictor(landmarks)))
 
-    def find(self, image: np.ndarray, threshold: float = 0.0) -> list[Face]:
+    def find(self, image: np.ndarray, threshold: float = DETECT_THRESHOLD) -> list[Face]:
         """Every face in an (H, W, 3) uint8 RGB image, largest first."""
         scale = min(1.0, DETECT_SIDE / max(image.shape[:2]))
         small = image if scale == 1.0 else np.asarray(
