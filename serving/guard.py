@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import secrets
+import signal
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers, UploadFile
@@ -27,6 +28,7 @@ log = logging.getLogger("bentoml.agegroup")
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart headers and the small fields, on top of the image
 BODY_TIMEOUT_S = float(os.environ.get("AGEGROUP_BODY_TIMEOUT_S", 10))  # a slower upload is dropped (408)
+SHUTDOWN_POLL_S = 0.5  # how often a stalled upload checks whether the server is shutting down
 # Boundaries of the re-encoded bodies: a per-process secret and a counter (no random draw per request).
 _SECRET = secrets.token_hex(12)
 BOUNDARIES = (f"agegroup{_SECRET}{n:x}" for n in itertools.count())
@@ -50,15 +52,19 @@ class Route:
         return {self.file_field, *self.int_fields}
 
 
+# Before a 413 is sent while the body still arrives, up to this much more of it is read and dropped.
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 2 * (MAX_UPLOAD_BYTES + FORM_OVERHEAD_BYTES)
 BOOLEANS = {"true": "true", "1": "true", "false": "false", "0": "false"}  # accepted spellings -> canonical
 
 
 class RequestError(Exception):
-    """A client mistake: HTTP status and a message that is safe to show."""
+    """A client mistake: HTTP status and a message that is safe to show; `unread` when the client may still be
+    sending its body."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, unread: bool = False):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.unread = status, message, unread
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -75,15 +81,26 @@ class UploadGuard:
 
     async def __call__(self, scope, receive, send):
         route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
+        if route is None:
             return await self.app(scope, receive, send)
+        if scope["method"] != "POST":
+            message = f"{scope['path']} takes POST (multipart/form-data), not {scope['method']}"
+            log.info("%s %s refused with 405: %s", scope["method"], scope["path"], message)
+            return await respond(scope, receive, send, 405, message, {"allow": "POST"})
         try:
             fields = await self.checked_fields(scope, receive, route)
         except RequestError as exc:
             log.info("%s %s refused with %d: %s", scope["method"], scope["path"], exc.status, exc.message)
+            if exc.unread:
+                # Read and drop what the client is still sending (bounded) before answering: closing a socket
+                # with unread data resets the connection, and the reset can discard the answer on its way.
+                await drain(receive)
             return await respond(scope, receive, send, exc.status, exc.message)
-        except ClientGone:
-            return None  # nobody is left to answer
+        except ClientGone as exc:
+            log.info("%s %s abandoned by the client: %s", scope["method"], scope["path"], exc)
+            # Nobody reads this answer (uvicorn drops it), but it must be sent: BentoML's TimeoutMiddleware
+            # waits for a first send, up to its 60 s traffic timeout, and shutdown waits for that request.
+            return await respond(scope, receive, send, 400, f"the client went away: {exc}")
         boundary = next(BOUNDARIES)
         payload, sent = encode_form(fields, route.file_field, boundary), False
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
@@ -111,28 +128,46 @@ class UploadGuard:
             if not declared.isdigit():
                 raise RequestError(400, f"Content-Length must be a number of bytes; got {declared!r}")
             if int(declared) > self.max_body:
-                raise RequestError(413, too_large(int(declared)))
+                raise RequestError(413, too_large(int(declared)), unread=True)
         raw = await self.read_body(receive)
         return await parse_form(headers, raw, route)
 
     async def read_body(self, receive) -> bytes:
-        """The whole body, refused past max_body bytes (413) or past body_timeout seconds (408)."""
+        """The whole body, refused past max_body bytes (413), past body_timeout seconds (408), or once the
+        server has begun to shut down (503), so that a stalled upload never holds a shutdown up."""
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         try:
-            async with asyncio.timeout(self.body_timeout):  # one deadline for the whole body, no task per chunk
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise ClientGone()
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self.max_body:
-                        raise RequestError(413, too_large(size, at_least=True))
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        return b"".join(chunks)
+            while True:
+                message = None
+                while message is None:  # wait in slices, to notice a shutdown (cancelling receive() is safe)
+                    try:
+                        async with asyncio.timeout_at(min(deadline, loop.time() + SHUTDOWN_POLL_S)):
+                            message = await receive()
+                    except TimeoutError:
+                        if loop.time() >= deadline:
+                            raise
+                        if server_stopping():
+                            raise RequestError(503, "the server is shutting down; send the request again") from None
+                if message["type"] == "http.disconnect":
+                    raise ClientGone(f"disconnected after {size} bytes of the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise RequestError(413, too_large(size, at_least=True), unread=message.get("more_body", False))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
         except TimeoutError:
             raise RequestError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
+
+
+def server_stopping() -> bool:
+    """uvicorn (under BentoML) has been told to exit: its SIGTERM handler is a running Server's handle_exit, and
+    that server's should_exit is set."""
+    handler = signal.getsignal(signal.SIGTERM)
+    return bool(getattr(getattr(handler, "__self__", None), "should_exit", False))
 
 
 class ClientGone(Exception):
@@ -219,8 +254,24 @@ def too_large(size: int, at_least: bool = False) -> str:
             "bytes")
 
 
-async def respond(scope, receive, send, status: int, message: str) -> None:
+async def respond(scope, receive, send, status: int, message: str, headers: dict | None = None) -> None:
     """A JSON error response; the connection is closed after it, since the body may be unread."""
     response = error_response(status, message)
+    response.headers.update(headers or {})
     response.headers["connection"] = "close"
     await response(scope, receive, send)
+
+
+async def drain(receive, seconds: float = DRAIN_SECONDS, limit: int = DRAIN_BYTES) -> None:
+    """Read and discard the rest of a request body: until its end, a disconnect, `seconds` or `limit` bytes.
+    (After a response, uvicorn's receive() only says disconnect, so this has to come before it.)"""
+    dropped = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while dropped <= limit:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                dropped += len(message.get("body", b""))
+    except TimeoutError:
+        pass

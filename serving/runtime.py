@@ -91,7 +91,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class OnnxModel:
     """One exported model (.onnx + .json): prepares images and predicts probabilities and labels."""
 
-    def __init__(self, onnx_path: str | Path, device: str | None = None, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, device: str | None = None, threads: int | None = None,
+                 quiet: bool = False):
         self.path = Path(onnx_path)
         self.metadata = read_metadata(self.path)
         self.class_names: list[str] = list(self.metadata["class_names"])
@@ -105,8 +106,8 @@ class OnnxModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if providers[0] != self.provider:
             log.warning("%s: CUDA was asked for but could not be used; running on %s", self.path.name, self.provider)
-        log.info("%s loaded on %s (input %dx%d, %d classes)", self.path.name, self.provider, self.height,
-                 self.width, len(self.class_names))
+        (log.debug if quiet else log.info)("%s loaded on %s (input %dx%d, %d classes)", self.path.name,
+                                           self.provider, self.height, self.width, len(self.class_names))
 
     @property
     def needs_demographics(self) -> bool:

@@ -86,7 +86,7 @@ class AgeGroup:
         self.age = OnnxModel(AGE_MODEL, threads=LAYOUT.threads)
         # A request alone in this worker (light load) runs on all of the worker's cores, so its latency is the
         # model's best; under load, each batch keeps to LAYOUT.threads and batches run side by side.
-        self.age_alone = (OnnxModel(AGE_MODEL, threads=LAYOUT.alone_threads)
+        self.age_alone = (OnnxModel(AGE_MODEL, threads=LAYOUT.alone_threads, quiet=True)  # same file: logged once
                           if LAYOUT.alone_threads > LAYOUT.threads else self.age)
         self.in_flight = 0  # /predict requests this worker is decoding, batching or computing
         self.version = model_summary(AGE_MODEL)["version"]

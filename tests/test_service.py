@@ -254,14 +254,25 @@ def test_oversize_body_is_refused_before_it_is_read(server):
     assert answer.startswith(b"HTTP/1.1 413") and b'"error"' in answer and seconds < 5, (answer[:200], seconds)
 
 
-def test_chunked_body_is_cut_at_the_limit(server):
+@pytest.mark.parametrize("extra_mb", [0.2, 12])
+def test_chunked_body_is_cut_at_the_limit(server, extra_mb):
+    """Past the limit the rest is read and dropped before the 413, so the answer is never lost to a reset."""
     boundary = "b0undary"
-    body = multipart([file_part("a.jpg", b"\xff" * (MAX_UPLOAD_BYTES + 200_000))] + DEMOGRAPHICS, boundary)
+    body = multipart([file_part("a.jpg", b"\xff" * (MAX_UPLOAD_BYTES + int(extra_mb * 1e6)))] + DEMOGRAPHICS,
+                     boundary)
     chunk = 1 << 20
-    chunks = iter([body[i:i + chunk] for i in range(0, len(body), chunk)])  # no Content-Length: sent chunked
-    response = httpx.post(server + "/predict", content=chunks,
-                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
-    assert_error(response, 413, "limit")
+    for _ in range(3):
+        chunks = iter([body[i:i + chunk] for i in range(0, len(body), chunk)])  # no Content-Length: sent chunked
+        response = httpx.post(server + "/predict", content=chunks,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, timeout=60)
+        assert_error(response, 413, "limit")
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+def test_other_methods_get_a_json_405(server, method):
+    response = httpx.request(method, server + "/predict", timeout=10)
+    assert_error(response, 405, "takes POST")
+    assert response.headers["allow"] == "POST"
 
 
 def test_slow_upload_is_dropped_and_others_are_served(server):
@@ -417,3 +428,35 @@ def test_client_disconnects_are_not_counted_as_server_errors(server):
     time.sleep(1)
     assert post(server, jpeg()).status_code == 200
     assert server_errors(server) == before
+
+
+def test_serve_stops_within_seconds_whatever_uploads_are_in_flight(tiny_export, tmp_path_factory):
+    """SIGTERM while some clients stall mid-upload and others abandoned theirs: out within 5 s, each logged."""
+    home = tmp_path_factory.mktemp("bentoml-home-term")
+    log_path = home / "serve.log"
+    with log_path.open("wb") as log:
+        proc, url = start_serve({"AGEGROUP_MODEL_DIR": str(tiny_export), "BENTOML_HOME": str(home)}, log)
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 50000\r\n\r\n" + b"x" * 1000)
+        stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        abandoned = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for s in stalled + abandoned:
+            s.sendall(head)
+        time.sleep(0.5)
+        for s in abandoned:
+            s.close()
+        time.sleep(0.5)
+        start = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for s in stalled:
+                s.close()
+        took = time.time() - start
+    text = log_path.read_text()
+    assert took < 5, f"serve took {took:.1f} s to stop"
+    assert text.count("abandoned by the client") == 3, text[-3000:]
