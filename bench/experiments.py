@@ -80,6 +80,11 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                        "--preset cpu"),
     "cpu-preset-mx2": ("cpu preset + mixup 0.2", "--preset cpu --mixup 0.2"),
     "gpu-preset-mx2": ("gpu preset + mixup 0.2", "--preset gpu --mixup 0.2"),
+    # Round 5: members fine-tuned from dlib's face-recognition ResNet (training/dlib_weights.py), 150 px, CPU.
+    "face-age-e10": ("face-age: dlib ResNet fine-tuned, exact-age head, sigma 3, 10 epochs",
+                     "--preset face --members face-age --epochs 10"),
+    "face-preset": ("face preset: face-age, face-age-c85 (85 % centre), face-age-frz (stem + 2 stages frozen, "
+                    "92 % centre), face-group-c85; 5 epochs", "--preset face"),
 }
 
 
@@ -105,6 +110,7 @@ READING = [
     "Not yet run: members at different input sizes inside one graph, training on all data with weights fitted "
     "on out-of-fold predictions, test-time crops. 71 % is not in sight of these levers.",
 ]
+READING_FILE = RESULTS / "experiments-reading.md"  # later rounds' reading, kept as Markdown bullets
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
@@ -122,18 +128,42 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     if code:
         tail = (out / "train.log").read_text().splitlines()[-3:]
         return {"name": name, "what": what, "command": command, "error": " | ".join(tail)}
+    return row_of(name, what, command, out, wall, args.device_label)
+
+
+def record(name: str, run_dir: Path, args: argparse.Namespace) -> dict:
+    """A row for a run made outside this script (a preset run in the background, say), read from its folder;
+    the command is the experiment's, with the folder it wrote to."""
+    what, flags = EXPERIMENTS[name]
+    command = f"agegroup-train age --data-dir {args.data_dir} --out-dir {run_dir} {flags}"
+    return row_of(name, what, command, run_dir, None, args.device_label)
+
+
+def row_of(name: str, what: str, command: str, out: Path, wall: float | None, device: str) -> dict:
+    """The log row of a finished run folder; a run stopped after its first member gives that member's best epoch."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not (out / "summary.json").exists():
+        import torch
+
+        checkpoint = torch.load(next(out.glob("member-*.pt")), weights_only=False)
+        best = checkpoint["metrics"]
+        return {"name": name, "what": what, "command": command, "device": device,
+                "input_size": checkpoint["config"]["input_size"], "epochs": len(checkpoint["history"]),
+                "wall_s": wall, "train_s": checkpoint.get("train_seconds", checkpoint["history"][-1]["seconds"]),
+                "members": 1, "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+                "val_mae": None, "flip_val_accuracy": None, "best_member_accuracy": best["val_accuracy"], "when": now}
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
     best = max(summary["members"], key=lambda m: m["val_accuracy"])
-    return {"name": name, "what": what, "command": command, "device": args.device_label,
-            "input_size": config["input_size"], "epochs": config["epochs"], "wall_s": round(wall, 1),
+    return {"name": name, "what": what, "command": command, "device": device,
+            "input_size": config["input_size"], "epochs": config["epochs"],
+            "wall_s": None if wall is None else round(wall, 1),
             "train_s": round(summary["train_seconds"], 1), "members": len(summary["members"]),
             "val_accuracy": summary["fitted_without_flip"]["accuracy"],
             "val_macro_f1": summary["fitted_without_flip"]["macro_f1"],
             "val_mae": summary["fitted_without_flip"].get("mae"),
             "flip_val_accuracy": summary["fitted_with_flip"]["accuracy"],
-            "best_member_accuracy": best["val_accuracy"],
-            "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "best_member_accuracy": best["val_accuracy"], "when": now}
 
 
 def merge(rows: list[dict], path: Path) -> list[dict]:
@@ -162,11 +192,14 @@ def render(log: list[dict], path: Path) -> None:
             lines.append(f"| {r['name']} | {r['what']} | {r.get('device', '')} | | | | failed: {r['error']} | | | |")
             continue
         mae = "" if r.get("val_mae") is None else f"{r['val_mae']:.3f}"  # round 1 did not record it yet
+        flip = "" if r.get("flip_val_accuracy") is None else f"{r['flip_val_accuracy']:.1%}"
         lines.append(f"| {r['name']} | {r['what']} | {r['device']} | {r['input_size']} | {r['epochs']} | "
-                     f"{r['train_s'] / 60:.1f} | {r['val_accuracy']:.1%} | {r['flip_val_accuracy']:.1%} | "
+                     f"{r['train_s'] / 60:.1f} | {r['val_accuracy']:.1%} | {flip} | "
                      f"{r['val_macro_f1']:.3f} | {mae} |")
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in log]
     lines += ["", "## Reading", ""] + [f"- {line}" for line in READING]
+    if READING_FILE.exists():
+        lines += [READING_FILE.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -183,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", type=Path, default=RESULTS / "experiments.json", help="the JSON log to merge into")
     parser.add_argument("--list", action="store_true", help="print the experiments and exit")
     parser.add_argument("--render", action="store_true", help="only rewrite the Markdown log from the JSON")
+    parser.add_argument("--record", type=Path, default=None, metavar="RUN_DIR",
+                        help="log the one named experiment from this finished run folder instead of running it")
     args = parser.parse_args(argv)
     args.device_label = args.device_label or args.device
     if args.list:
@@ -193,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown experiment(s) {', '.join(unknown)}; see --list")
     rows = []
-    if args.names:
+    if args.record:
+        if len(args.names) != 1:
+            parser.error("--record takes exactly one experiment name")
+        rows.append(record(args.names[0], args.record, args))
+    elif args.names:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         with ThreadPoolExecutor(args.jobs) as pool:
             for row in pool.map(lambda n: run_one(n, args), args.names):
@@ -207,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['name']:<18} failed: {r['error']}")
         else:
             print(f"{r['name']:<18}{r['input_size']:>4}{r['epochs']:>4}{r['train_s'] / 60:>7.1f}"
-                  f"{r['val_accuracy']:>8.3f}{r['flip_val_accuracy']:>8.3f}{r['val_macro_f1']:>7.3f}"
+                  f"{r['val_accuracy']:>8.3f}{r['flip_val_accuracy'] or float('nan'):>8.3f}{r['val_macro_f1']:>7.3f}"
                   f"{r['val_mae'] or float('nan'):>7.3f}")
 
 

@@ -1,7 +1,9 @@
 """HTTP load for bench/serving.py, run as its own process: POST a face to /predict from N clients at once.
 
-    python bench/loadgen.py http://127.0.0.1:3000 32 200 [testdata.csv]   # url, clients, requests, faces
-Prints one JSON line: throughput, latency percentiles, failures, the slowest /readyz probe during the
+    python bench/loadgen.py http://127.0.0.1:3000 32 200 [testdata.csv [detect]]  # url, clients, requests, faces
+Requests say aligned=true (the faces are crops: the model's own cost), or with `detect` leave it out so that
+the server finds and aligns each face first. Prints one JSON line: throughput, latency percentiles, failures,
+the slowest /readyz probe during the
 load, and this client's own CPU per request. Bounded: stops after the requests.
 
 The client shares the cores with the server, so it is made cheap: aiohttp (C HTTP parser) and request
@@ -35,22 +37,23 @@ def face_jpeg(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def multipart(image: bytes, gender: int, race: int) -> bytes:
+def multipart(image: bytes, gender: int, race: int, aligned: bool = True) -> bytes:
     """A /predict body, encoded once so that the client spends no time on it per request."""
     head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="face.jpg"\r\n'
             "Content-Type: image/jpeg\r\n\r\n").encode()
+    values = (("gender", gender), ("race", race)) + ((("aligned", "true"),) if aligned else ())
     fields = "".join(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
-                     for k, v in (("gender", gender), ("race", race)))
+                     for k, v in values)
     return head + image + b"\r\n" + fields.encode() + f"--{BOUNDARY}--\r\n".encode()
 
 
-def request_bodies(csv: str | None) -> list[bytes]:
+def request_bodies(csv: str | None, aligned: bool = True) -> list[bytes]:
     if not csv or not Path(csv).exists():
-        return [multipart(face_jpeg(), 1, 0)]
+        return [multipart(face_jpeg(), 1, 0, aligned)]
     import pandas as pd
 
     table = pd.read_csv(csv).head(64)
-    return [multipart((Path(csv).parent / row.Image).read_bytes(), int(row.Gender), int(row.Race))
+    return [multipart((Path(csv).parent / row.Image).read_bytes(), int(row.Gender), int(row.Race), aligned)
             for row in table.itertuples()]
 
 
@@ -103,7 +106,7 @@ async def load(url: str, bodies: list[bytes], concurrency: int, requests: int) -
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     url, concurrency, requests = args[:3]
-    bodies = request_bodies(args[3] if len(args) > 3 else None)
+    bodies = request_bodies(args[3] if len(args) > 3 else None, aligned=not (len(args) > 4 and args[4] == "detect"))
     print(json.dumps(asyncio.run(load(url, bodies, int(concurrency), int(requests)))))
 
 

@@ -62,10 +62,11 @@ def stop_server(proc: subprocess.Popen) -> None:
 FACES = REPO.parent / "shared" / "data" / "faces" / "testdata.csv"  # real JPEGs for the load, when present
 
 
-def load_in_subprocess(url: str, concurrency: int, requests: int, faces: Path = FACES) -> dict:
+def load_in_subprocess(url: str, concurrency: int, requests: int, faces: Path = FACES, detect: bool = False) -> dict:
     """Run the load from a second process, so the client's CPU use is not counted as the server's."""
     out = subprocess.run([sys.executable, str(REPO / "bench" / "loadgen.py"), url, str(concurrency), str(requests),
-                          str(faces)], capture_output=True, text=True, timeout=600, check=True)
+                          str(faces), "detect" if detect else "aligned"], capture_output=True, text=True,
+                         timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,10 +83,10 @@ def server_cpu_seconds(pid: int) -> float:
     return total
 
 
-def measured_load(proc: subprocess.Popen, url: str, concurrency: int, requests: int) -> dict:
+def measured_load(proc: subprocess.Popen, url: str, concurrency: int, requests: int, detect: bool = False) -> dict:
     """The load's figures plus the server's CPU per request (core-ms) over the same window."""
     before = server_cpu_seconds(proc.pid)
-    row = load_in_subprocess(url, concurrency, requests)
+    row = load_in_subprocess(url, concurrency, requests, detect=detect)
     row["server_core_ms_per_request"] = (server_cpu_seconds(proc.pid) - before) * 1000 / requests
     return row
 
@@ -127,10 +128,13 @@ def null_model(model_path: Path, folder: Path) -> Path:
     return path
 
 
-SERVICE_MODES = {  # name -> (environment, concurrency levels)
+# name -> (environment, concurrency levels). Requests send aligned=true (the faces are crops) except in
+# "detect", where the server finds and aligns every face first (serving/face.py), as it does by default.
+SERVICE_MODES = {
     "batching": ({"AGEGROUP_BATCHING": "1"}, CONCURRENCY),
     "no batching": ({"AGEGROUP_BATCHING": "0"}, CONCURRENCY),
     "null model": ({"AGEGROUP_BATCHING": "1"}, CONCURRENCY),
+    "detect": ({"AGEGROUP_BATCHING": "1"}, (1, 32)),
 }
 
 
@@ -145,10 +149,10 @@ def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVIC
         env = {**env, "AGEGROUP_MODEL_DIR": str(served.resolve().parent)}
         proc, url = start_server(env, RESULTS / f"serve-{mode.replace(' ', '-')}.log")
         try:
-            load_in_subprocess(url, 4, 40)  # warm-up
+            load_in_subprocess(url, 4, 40, detect=mode == "detect")  # warm-up
             results[mode] = []
             for c in levels:
-                results[mode].append(measured_load(proc, url, c, max(40, c * requests_per_client)))
+                results[mode].append(measured_load(proc, url, c, max(40, c * requests_per_client), mode == "detect"))
                 print(f"  {mode}, {c} clients: {json.dumps(results[mode][-1])}", flush=True)
         finally:
             stop_server(proc)
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime/torch threads in-process")
     parser.add_argument("--skip-service", action="store_true", help="in-process and CSV only")
     parser.add_argument("--modes", nargs="*", choices=list(SERVICE_MODES), default=list(SERVICE_MODES),
-                        help="service configurations to load (the ratios need all three)")
+                        help="service configurations to load (the ratios need batching, no batching and null model)")
     parser.add_argument("--skip-in-process", action="store_true", help="service only (no ratios)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json", help="JSON to write (the .png beside it)")
     args = parser.parse_args(argv)
@@ -289,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{mode:<13}{r['concurrency']:>8}{r['rps']:>9.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
                       f"{r['p99_ms']:>9.1f}{r['failures']:>6}{r['readyz_max_ms']:>15.0f}"
                       f"{r['server_core_ms_per_request']:>13.2f}")
-        if set(SERVICE_MODES) - set(args.modes):
+        if {"batching", "no batching", "null model"} - set(args.modes):
             print("(not every service mode ran: no ratios)")
         else:
             on, off = results["service"]["batching"], results["service"]["no batching"]

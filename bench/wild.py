@@ -63,7 +63,8 @@ def shapes(rng: np.random.Generator) -> Image.Image:
         x0, y0 = rng.integers(0, PHOTO[0]), rng.integers(0, PHOTO[1])
         box = [x0, y0, x0 + rng.integers(10, 250), y0 + rng.integers(10, 250)]
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        [draw.ellipse, draw.rectangle, lambda b, fill: draw.line(b, fill=fill, width=5)][rng.integers(3)](box, fill=colour)
+        shape = [draw.ellipse, draw.rectangle, lambda b, fill: draw.line(b, fill=fill, width=5)][rng.integers(3)]
+        shape(box, fill=colour)
     return image
 
 
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<30}" + "".join(f"{row[k]:>22.3f}" if "ms" in k else f"{row[k]:>22.1%}" for k in keys))
     print("\ngoals:")
     for k, v in checks.items():
-        print(f"  {k:<34} {v:8.2f}   goal {'<=' if k in ('photos within 3 points of crops', 'added ms per photo') else '>='}"
-              f" {GOALS[k]}   {'met' if met[k] else 'NOT met'}")
+        bound = "<=" if k in ("photos within 3 points of crops", "added ms per photo") else ">="
+        print(f"  {k:<34} {v:8.2f}   goal {bound} {GOALS[k]}   {'met' if met[k] else 'NOT met'}")
     result = {"load_average_at_start": load, "faces": len(val), "non_faces": len(empty), "photo_size": PHOTO,
               "model": str(args.model), "rows": rows, "checks": checks, "goals": GOALS, "met": met,
               "seed": args.seed}

@@ -24,7 +24,6 @@ from serving.image import InputError
 from serving.runtime import MODEL_DIR, OnnxModel
 from serving.table import DataError, read_face_table, rows
 
-
 NO_FACE = "no_face"  # the Category of a row whose image holds no face
 
 

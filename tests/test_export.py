@@ -48,7 +48,8 @@ def test_onnx_matches_pytorch(tiny_run, tiny_export, n):
     assert age.shape == (n,) and age_range.shape == (n, 2)
     assert np.abs(age - expected_age.numpy()).max() <= 1e-3
     assert np.array_equal(age_range, expected_range.numpy())
-    assert ((10 <= age_range[:, 0]) & (age_range[:, 0] <= age) & (age <= age_range[:, 1]) & (age_range[:, 1] <= 60)).all()
+    low, high = age_range[:, 0], age_range[:, 1]
+    assert ((10 <= low) & (low <= age) & (age <= high) & (high <= 60)).all()
     assert probs.shape == (n, 5) and probs.dtype == np.float32 and labels.dtype == np.int64
     assert np.abs(probs - expected.numpy()).max() <= 1e-4
     assert np.array_equal(labels, expected_labels.numpy())

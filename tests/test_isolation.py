@@ -25,5 +25,5 @@ def test_training_commands_without_the_train_extra_say_so_in_one_line():
         """)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert result.stderr.strip().splitlines() == [
-            f"agegroup-{command}: error: the `train` extra is not installed (torch is missing): pip install -e '.[train]'"]
+        assert result.stderr.strip().splitlines() == [f"agegroup-{command}: error: the `train` extra is not installed "
+                                                      "(torch is missing): pip install -e '.[train]'"]

@@ -13,7 +13,6 @@ from training.models import (
     pool_plan,
 )
 
-
 # Face members run at their backbone's own 150 px (and a smaller size it still takes); the others at 32 and 80.
 MEMBER_SIZES = [(m.name, size) for m in DEFAULT_MEMBERS for size in ((112, 150) if m.arch == "face" else (32, 80))]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import face_pixels
 from PIL import Image
 
-from conftest import face_pixels
 from serving.image import MAX_UPLOAD_BYTES
 
 REPO = Path(__file__).resolve().parent.parent

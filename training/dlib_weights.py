@@ -11,14 +11,13 @@ dlib/dnn/core.h, layers.h, input.h, loss.h, cuda/tensor.h).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-WEIGHTS_PACKAGE = "face_recognition_models"
+from serving.face import MODELS_LICENSE, MODELS_PACKAGE, find_model_file
+
 WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-WEIGHTS_LICENSE = "Public domain (CC0 1.0), dlib model by Davis King; via PyPI face_recognition_models 0.3.0"
 # dlib's network definition (dlib/examples/dnn_face_recognition_ex.cpp): 32-channel stem, then stages of
 # (channels, blocks); the first block of every stage but the first halves the map.
 STEM_CHANNELS = 32
@@ -30,22 +29,16 @@ class DlibFormatError(ValueError):
 
 
 def find_weights_file(name: str = WEIGHTS_FILE) -> Path:
-    """Path of a model file inside the installed face_recognition_models package, without importing it
-    (its __init__ needs pkg_resources, which current setuptools no longer ships)."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {WEIGHTS_PACKAGE} package is not installed: pip install -e '.[train]'")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {WEIGHTS_PACKAGE} package")
-    return path
+    """The weights file inside the installed face_recognition_models package (found as serving finds its
+    landmark model: without importing the package)."""
+    return find_model_file(name)
 
 
 def provenance(path: Path) -> dict:
     """Name, sha256 and license of a starting-weights file, for the exported JSON."""
     return {"name": f"dlib {Path(path).stem}", "file": Path(path).name,
-            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "license": WEIGHTS_LICENSE,
-            "source": f"PyPI {WEIGHTS_PACKAGE}"}
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "license": MODELS_LICENSE,
+            "source": f"PyPI {MODELS_PACKAGE}"}
 
 
 class Stream:
@@ -62,7 +55,8 @@ class Stream:
         return chunk
 
     def int(self) -> int:
-        """Compact integer: a control byte (size in the low 4 bits, 0x80 = negative), then little-endian bytes."""
+        """Compact integer: a control byte (size in the low 4 bits, 0x80 = negative), then little-endian bytes;
+        zero is one byte of payload, so a size of 0 never occurs."""
         control = self.take(1)[0]
         size = control & 0x0F
         if size == 0 or size > 8 or control & 0x70:
@@ -72,15 +66,8 @@ class Stream:
 
     def float(self) -> float:
         """dlib's float_details: integer mantissa, then integer exponent (value = mantissa * 2**exponent)."""
-        mantissa, exponent = self.int_or_zero(), self.int_or_zero()
+        mantissa, exponent = self.int(), self.int()
         return float(np.ldexp(np.float64(mantissa), exponent))
-
-    def int_or_zero(self) -> int:
-        """A compact integer that may be zero (control byte 0 with no payload)."""
-        if self.data[self.pos] == 0:
-            self.pos += 1
-            return 0
-        return self.int()
 
     def bool(self) -> bool:
         value = self.take(1)
@@ -89,14 +76,14 @@ class Stream:
         return value == b"1"
 
     def string(self) -> str:
-        return self.take(self.int_or_zero()).decode("ascii")
+        return self.take(self.int()).decode("ascii")
 
     def tensor(self) -> np.ndarray:
         """Version 2, then num_samples, k, nr, nc, then raw little-endian float32: an (n, k, nr, nc) array."""
         version = self.int()
         if version != 2:
             raise DlibFormatError(f"tensor version {version} at {self.pos}, expected 2")
-        shape = tuple(self.int_or_zero() for _ in range(4))
+        shape = tuple(self.int() for _ in range(4))
         count = int(np.prod(shape))
         return np.frombuffer(self.take(4 * count), dtype="<f4").reshape(shape).copy()
 
@@ -104,7 +91,7 @@ class Stream:
         """An alias_tensor holds only a shape: version 1, then four dims."""
         if self.int() != 1:
             raise DlibFormatError(f"alias_tensor version at {self.pos}, expected 1")
-        return tuple(self.int_or_zero() for _ in range(4))
+        return tuple(self.int() for _ in range(4))
 
     def expect(self, *names: str) -> str:
         name = self.string()
@@ -118,7 +105,7 @@ def read_con(s: Stream) -> dict:
     version = s.expect("con_4", "con_5", "con_6")
     params = s.tensor().ravel()
     filters, rows, cols, stride_y, stride_x, pad_y, pad_x = (s.int() for _ in range(7))
-    weight_shape, bias_shape = s.alias_tensor(), s.alias_tensor()
+    weight_shape, _ = s.alias_tensor(), s.alias_tensor()  # filters, biases
     for _ in range(4):  # learning-rate and weight-decay multipliers
         s.float()
     use_bias = s.bool() if version in ("con_5", "con_6") else True
@@ -162,7 +149,7 @@ def read_fc(s: Stream) -> dict:
     version = s.expect("fc_2", "fc_3")
     outputs, inputs = s.int(), s.int()
     params = s.tensor().ravel()
-    weight_shape, _ = s.alias_tensor(), s.alias_tensor()
+    s.alias_tensor(), s.alias_tensor()  # weight and bias shapes (the sizes are checked below)
     s.int()  # bias mode
     for _ in range(4):
         s.float()
@@ -184,15 +171,15 @@ LAYER_READERS = {
 def network_nodes() -> list[tuple[str, str]]:
     """dlib's anet_type from the outside in, as (node, layer) pairs: "layer" nodes are add_layer records of that
     layer kind, "tag" and "skip" nodes hold no layer. Mirrors the C++ template in dnn_face_recognition_ex.cpp."""
-    def block(stride_down: bool) -> list:  # BN<con<N,3,3,1,1,relu<BN<con<N,3,3,s,s,SUBNET>>>>>
+    def block() -> list:  # BN<con<N,3,3,1,1,relu<BN<con<N,3,3,s,s,SUBNET>>>>>, whatever the stride s
         return [("layer", "affine"), ("layer", "con"), ("layer", "relu"), ("layer", "affine"), ("layer", "con")]
 
     def ares() -> list:  # relu<add_prev1<block<tag1<SUBNET>>>>
-        return [("layer", "relu"), ("layer", "add_prev"), *block(False), ("tag", "")]
+        return [("layer", "relu"), ("layer", "add_prev"), *block(), ("tag", "")]
 
     def ares_down() -> list:  # relu<add_prev2<avg_pool<2,2,2,2,skip1<tag2<block<..,2,tag1<SUBNET>>>>>>>
         return [("layer", "relu"), ("layer", "add_prev"), ("layer", "avg_pool"), ("skip", ""), ("tag", ""),
-                *block(True), ("tag", "")]
+                *block(), ("tag", "")]
 
     nodes = [("layer", "fc"), ("layer", "avg_pool")]
     for _, blocks in reversed(STAGES[1:]):  # outermost stage first

@@ -47,7 +47,6 @@ from training.data import (
 )
 from training.models import Stl10MLP, age_distribution_loss, build_member, focal_loss
 
-
 TEMPLATE_FILE = "face_template.json"
 CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
 CALIBRATION_IMAGES = 1024  # training images that set a pretrained backbone's BatchNorm statistics
