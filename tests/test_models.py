@@ -109,3 +109,47 @@ def test_flip_averaging_is_mirror_invariant():
     torch.testing.assert_close(flipped(x, g, r), flipped(x.flip(3), g, r))
     plain = AgeEnsemble(members, [0.3, 0.7]).eval()
     torch.testing.assert_close(flipped(x, g, r), 0.5 * (plain(x, g, r) + plain(x.flip(3), g, r)))
+
+
+def test_age_summary_against_a_hand_computed_distribution():
+    from training.models import age_summary
+
+    dist = torch.zeros(3, len(AGES))
+    dist[0, AGES.index(34)] = 1.0  # all mass on 34
+    dist[1, [AGES.index(10), AGES.index(30), AGES.index(50)]] = torch.tensor([0.05, 0.5, 0.45])
+    dist[2, AGES.index(20):AGES.index(30)] = 0.0625  # 0.625 over 20-29 ...
+    dist[2, AGES.index(60)] = 0.375  # ... and 0.375 on 60
+    expected, ranges = age_summary(dist)
+    torch.testing.assert_close(expected, torch.tensor([34.0, 0.05 * 10 + 0.5 * 30 + 0.45 * 50,
+                                                       0.0625 * sum(range(20, 30)) + 0.375 * 60]))
+    # 10th percentile: the youngest age whose cumulative probability reaches 0.1; 90th likewise
+    torch.testing.assert_close(ranges, torch.tensor([[34.0, 34.0], [30.0, 50.0], [21.0, 60.0]]))
+
+
+def test_ensemble_age_distribution_mixes_only_the_exact_age_members():
+    torch.manual_seed(0)
+    age_member, group_member = build_member("vgg-age", 32).eval(), build_member("vgg-group", 32).eval()
+    x, g, r = torch.rand(3, 3, 32, 32) * 255, torch.tensor([0, 1, 1]), torch.tensor([0, 2, 4])
+    probs, ages = AgeEnsemble([age_member, group_member], [0.3, 0.7]).eval().predict(x, g, r)
+    torch.testing.assert_close(probs, AgeEnsemble([age_member, group_member], [0.3, 0.7]).eval()(x, g, r))
+    torch.testing.assert_close(ages, age_member(x, g, r).softmax(1))  # the group member adds no age mass
+    _, spread = AgeEnsemble([group_member]).eval().predict(x, g, r)  # no age member: groups spread over years
+    group = group_member(x, g, r).softmax(1)
+    torch.testing.assert_close(spread[:, AGES.index(25)], group[:, 1] / 10)
+    torch.testing.assert_close(spread[:, AGES.index(60)], group[:, 4] / 11)
+    torch.testing.assert_close(spread.sum(1), torch.ones(3))
+
+
+def test_export_parity_of_an_ensemble_of_framings_and_backbones(tmp_path):
+    """Face members with their own framings (a crop resized inside the graph) beside a VGG: one graph, <= 1e-4."""
+    from training.export import AgeGraph, check_parity, example_age_inputs, export_graph
+
+    torch.manual_seed(0)
+    members = [build_member("face-age-c85", 150), build_member("face-group", 150), build_member("vgg-age", 150)]
+    ensemble = AgeEnsemble([m.eval() for m in members], [0.5, 0.2, 0.3], tta_flip=True).eval()
+    graph, names = AgeGraph(ensemble).eval(), ["image", "gender", "race"]
+    path = tmp_path / "mixed.onnx"
+    export_graph(graph, example_age_inputs(2, 150), names, path, ["probabilities", "label", "age", "age_range"])
+    report = check_parity(graph, path, lambda n: example_age_inputs(n, 150), names)
+    assert all(r["max_abs_diff"] <= 1e-4 and r["labels_equal"] for r in report.values()), report
+    assert all(r["age_max_abs_diff_years"] <= 1e-2 for r in report.values()), report

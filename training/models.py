@@ -219,7 +219,7 @@ class AgeCNN(nn.Module):
         """The centred `crop` share of the image, resized back to the input size (bilinear); or the image."""
         if self.crop >= 1:
             return images
-        side = images.shape[-1]
+        side = self.input_size  # static, so the export traces plain integers
         keep = round(side * self.crop)
         start = (side - keep) // 2
         window = images[:, :, start:start + keep, start:start + keep]
