@@ -135,3 +135,20 @@ def test_presets_name_existing_members():
             member_by_name(member)
     assert AGE_PRESETS["course"]["members"] == tuple(m.name for m in COURSE_MEMBERS)
     assert len(AGE_PRESETS["cpu"]["members"]) >= 3
+
+
+def test_pruning_leaves_out_members_under_the_floor_and_past_the_budget():
+    import numpy as np
+
+    from training.train import prune_members
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 5, 300)
+    good = np.eye(5)[targets] * 0.6 + 0.08  # (N, 5), right 68 % of the mass
+    noise = rng.dirichlet(np.ones(5), (4, 300))  # four members that know nothing
+    members = np.concatenate([good[None], 0.5 * good[None] + 0.5 * noise[:1], noise])  # (6, N, 5)
+    keep, weights = prune_members(members, targets, min_weight=0.05, cap=6)
+    assert 0 in keep and len(keep) >= 3 and abs(weights.sum() - 1) < 1e-6  # never fewer than three
+    assert weights[list(keep).index(0)] == weights.max()
+    keep, weights = prune_members(members, targets, min_weight=0.0, cap=2)
+    assert len(keep) == 2 and 0 in keep  # the budget wins over the minimum of three

@@ -174,6 +174,7 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
                          "train_seconds": round(m["train_seconds"], 1),
                          "starting_weights": m.get("starting_weights", {"name": "random initialisation"})}
                         for m in summary["members"]],
+            "left_out_members": summary.get("dropped_members", []),
             "face_template": template,
             "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
             "ensemble_val_macro_f1": summary["ensemble"]["macro_f1"],

@@ -183,6 +183,25 @@ def fit_ensemble_weights(member_probs: np.ndarray, targets: np.ndarray, steps: i
     return logits.detach().softmax(0).numpy()
 
 
+MIN_ENSEMBLE = 3  # pruning never leaves fewer members than this (where there are that many)
+
+
+def prune_members(member_probs: np.ndarray, targets: np.ndarray, min_weight: float, cap: int):
+    """Fit weights on (M, N, C) member probabilities, then leave out members under `min_weight` and past the
+    `cap` largest, refitting on the rest until nothing changes. Returns (kept indices, their weights)."""
+    keep = np.arange(len(member_probs))
+    weights = fit_ensemble_weights(member_probs, targets)
+    while True:
+        order = np.argsort(-weights)
+        kept = [k for k in order if weights[k] >= min_weight][:cap]
+        if len(kept) < min(MIN_ENSEMBLE, cap, len(order)):
+            kept = list(order[:min(MIN_ENSEMBLE, cap, len(order))])
+        if len(kept) == len(keep):
+            return keep, weights
+        keep = keep[np.sort(kept)]
+        weights = fit_ensemble_weights(member_probs[keep], targets)
+
+
 def make_loss(label_smoothing: float, focal_gamma: float = 0.0):
     """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0, on the class of the targets."""
     if focal_gamma > 0:
@@ -282,22 +301,31 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
     candidates = {}
     for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
-        weights = fit_ensemble_weights(member_probs, targets)
-        probs = np.tensordot(weights, member_probs, axes=1)  # (N, 5)
-        candidates[tta_flip] = {"weights": weights, "probs": probs, "log_loss": log_loss(probs, targets),
-                                **classification_metrics(probs, targets)}
+        cap = max(1, cfg.max_passes // (2 if tta_flip else 1)) if cfg.max_passes else len(results)
+        keep, weights = prune_members(member_probs, targets, cfg.min_member_weight, cap)
+        probs = np.tensordot(weights, member_probs[keep], axes=1)  # (N, 5)
+        candidates[tta_flip] = {"weights": weights, "keep": keep, "probs": probs,
+                                "log_loss": log_loss(probs, targets), **classification_metrics(probs, targets)}
     tta_flip = candidates[True]["accuracy"] > candidates[False]["accuracy"]  # only if it classifies better
-    weights, fitted_probs = candidates[tta_flip]["weights"], candidates[tta_flip]["probs"]
+    weights, fitted_probs, keep = (candidates[tta_flip][k] for k in ("weights", "probs", "keep"))
+    plain, flip_averaged = plain[keep], flip_averaged[keep]
     fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "mae", "log_loss")}
                                        for f in (tta_flip, False, True))
+    dropped = [{"name": r["name"], "val_accuracy": r["val_accuracy"]} for i, r in enumerate(results) if i not in keep]
+    train_seconds = sum(r["train_seconds"] for r in results)  # every member trained, kept or not
+    if dropped:
+        print("left out of the ensemble (weight under the floor, or past the budget of passes): "
+              + ", ".join(d["name"] for d in dropped), flush=True)
+    results = [results[i] for i in keep]
     uniform = classification_metrics(plain.mean(0), targets)
     for r, w in zip(results, weights):
         r["weight"] = float(w)
     plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
-    summary = {**common, "members": results, "ensemble": fitted, "uniform": uniform, "tta_flip": bool(tta_flip),
+    summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
+               "tta_flip": bool(tta_flip),
                "fitted_without_flip": without_flip, "fitted_with_flip": with_flip,
-               "train_seconds": sum(r["train_seconds"] for r in results), "preset": cfg.preset,
+               "train_seconds": train_seconds, "preset": cfg.preset,
                "epochs": cfg.epochs}
     torch.save(summary, out / "ensemble.pt")
     write_face_template(table["path"].iloc[train_idx].tolist(), out)
@@ -330,7 +358,7 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
 
 def same_recipe(a: dict, b: dict) -> bool:
     """Two configs train identical members (which members, threads, device and folders aside)."""
-    ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset"}
+    ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes"}
     return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
 
 
