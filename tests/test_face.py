@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import face_pixels
 from PIL import Image
 
-from conftest import face_pixels
 from serving.face import FaceFinder, NoFace, fit_template, prepare_face, similarity
 
 
