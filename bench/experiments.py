@@ -162,7 +162,7 @@ def row_of(name: str, what: str, command: str, out: Path, wall: float | None, de
             "val_accuracy": summary["fitted_without_flip"]["accuracy"],
             "val_macro_f1": summary["fitted_without_flip"]["macro_f1"],
             "val_mae": summary["fitted_without_flip"].get("mae"),
-            "flip_val_accuracy": summary["fitted_with_flip"]["accuracy"],
+            "flip_val_accuracy": (summary["fitted_with_flip"] or {}).get("accuracy"),
             "best_member_accuracy": best["val_accuracy"], "when": now}
 
 

@@ -87,10 +87,10 @@ class FaceFinder:
     def find(self, image: np.ndarray, threshold: float = DETECT_THRESHOLD) -> list[Face]:
         """Every face in an (H, W, 3) uint8 RGB image, largest first."""
         scale = min(1.0, DETECT_SIDE / max(image.shape[:2]))
-        small = image if scale == 1.0 else np.asarray(
-            Image.fromarray(image).resize((round(image.shape[1] * scale), round(image.shape[0] * scale)),
-                                          Image.BILINEAR))
-        grey = np.ascontiguousarray(small.mean(axis=2, dtype=np.float32).astype(np.uint8))  # (h, w)
+        grey = Image.fromarray(image).convert("L")  # Pillow's C code: 4x faster than a numpy mean here
+        if scale < 1.0:
+            grey = grey.resize((round(image.shape[1] * scale), round(image.shape[0] * scale)), Image.BILINEAR)
+        grey = np.asarray(grey)  # (h, w) uint8
         detector, predictor = self.models.get()  # blocks while every copy is busy
         try:
             boxes, scores, _ = detector.run(grey, 0, threshold)

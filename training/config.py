@@ -106,6 +106,7 @@ class AgeTrainConfig:
     limit: int = 0  # use only the first N rows of data.csv (0 = all); for smoke runs
     min_member_weight: float = 0.0  # members whose fitted weight falls under this are left out of the ensemble
     max_passes: int = 0  # inference budget: member forward passes per image, the mirror counted (0 = no limit)
+    max_members: int = 0  # at most this many members in the graph (0 = no limit); each adds its weights' size
 
 
 AGE_PRESETS: dict[str, dict] = {
@@ -114,10 +115,10 @@ AGE_PRESETS: dict[str, dict] = {
     "cpu": dict(input_size=80, epochs=40, batch_size=64, members=("vgg-age", "res-age", "vgg-group")),
     # 2-core CPU: members fine-tuned from dlib's face-recognition ResNet at its 150 px (bench/results/experiments.md).
     # 10 epochs overfit (face-age peaked at epoch 3 of 10, 62.5 %), so 5, and four members that differ.
-    # At most 4 passes an image: about 90 img/s in onnxruntime on 2 cores, and a graph under 100 MB (22.5 MB a
-    # member), the largest file GitHub takes; 4 members, or 2 with their mirrors, of the 7 trained.
+    # Of the 7 trained, at most 4 members (22.5 MB each: a graph under 100 MB, the largest file GitHub takes) and
+    # 6 passes an image (about 60 img/s in onnxruntime on 2 cores): 4 members, or 3 with their mirrors.
     "face": dict(input_size=150, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
-                 max_passes=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
+                 max_passes=6, max_members=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
                                         "face-age-frz3", "face-age-blr3", "face-age-c78")),
     # The course report's design as it ran before: 5 VGG members differing in dropout, 80 px, 20 epochs.
     "course": dict(input_size=80, epochs=20, batch_size=64, members=tuple(m.name for m in COURSE_MEMBERS)),

@@ -182,7 +182,7 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
             "test_time_augmentation": "mean over the image and its horizontal mirror" if ensemble.tta_flip
             else "none",
             "fitted_without_flip_val_accuracy": summary.get("fitted_without_flip", summary["ensemble"])["accuracy"],
-            "fitted_with_flip_val_accuracy": summary.get("fitted_with_flip", {}).get("accuracy"),
+            "fitted_with_flip_val_accuracy": (summary.get("fitted_with_flip") or {}).get("accuracy"),
             "validation": {"fraction": config["val_fraction"], "seed": config["split_seed"],
                            "size": len(summary["val_index"]), "stratified_by": "Label"},
             "preset": summary["preset"], "epochs": summary["epochs"], "training": config,

@@ -301,16 +301,19 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
     candidates = {}
     for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
-        cap = max(1, cfg.max_passes // (2 if tta_flip else 1)) if cfg.max_passes else len(results)
+        cap = min(cfg.max_members or len(results), cfg.max_passes // (2 if tta_flip else 1) or len(results))
+        if cap < min(MIN_ENSEMBLE, len(results)):
+            continue  # the budget leaves too few members for an ensemble with this option
         keep, weights = prune_members(member_probs, targets, cfg.min_member_weight, cap)
         probs = np.tensordot(weights, member_probs[keep], axes=1)  # (N, 5)
         candidates[tta_flip] = {"weights": weights, "keep": keep, "probs": probs,
                                 "log_loss": log_loss(probs, targets), **classification_metrics(probs, targets)}
-    tta_flip = candidates[True]["accuracy"] > candidates[False]["accuracy"]  # only if it classifies better
+    # the mirror only where it classifies better (and the budget allows it)
+    tta_flip = True in candidates and candidates[True]["accuracy"] > candidates[False]["accuracy"]
     weights, fitted_probs, keep = (candidates[tta_flip][k] for k in ("weights", "probs", "keep"))
     plain, flip_averaged = plain[keep], flip_averaged[keep]
     fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "mae", "log_loss")}
-                                       for f in (tta_flip, False, True))
+                                       if f in candidates else None for f in (tta_flip, False, True))
     dropped = [{"name": r["name"], "val_accuracy": r["val_accuracy"]} for i, r in enumerate(results) if i not in keep]
     train_seconds = sum(r["train_seconds"] for r in results)  # every member trained, kept or not
     if dropped:
@@ -358,15 +361,18 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
 
 def same_recipe(a: dict, b: dict) -> bool:
     """Two configs train identical members (which members, threads, device and folders aside)."""
-    ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes"}
+    ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes",
+               "max_members"}
     return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
 
 
-def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict, tta_flip: bool) -> None:
+def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict | None,
+                  tta_flip: bool) -> None:
     rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
     rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
-             ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"]),
-             ("ensemble, fitted + flip", "", with_flip["accuracy"], with_flip["macro_f1"])]
+             ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
+    if with_flip is not None:  # None where the budget of passes leaves too few members to mirror
+        rows.append(("ensemble, fitted + flip", "", with_flip["accuracy"], with_flip["macro_f1"]))
     print(f"\n{'model':<26}{'weight':>8}{'val acc':>9}{'val F1':>8}")
     for name, weight, acc, f1 in rows:
         print(f"{name:<26}{weight:>8}{acc:>9.4f}{f1:>8.4f}")
