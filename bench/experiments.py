@@ -83,8 +83,13 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     # Round 5: members fine-tuned from dlib's face-recognition ResNet (training/dlib_weights.py), 150 px, CPU.
     "face-age-e10": ("face-age: dlib ResNet fine-tuned, exact-age head, sigma 3, 10 epochs",
                      "--preset face --members face-age --epochs 10"),
-    "face-preset": ("face preset: face-age, face-age-c85 (85 % centre), face-age-frz (stem + 2 stages frozen, "
-                    "92 % centre), face-group-c85; 5 epochs", "--preset face"),
+    "face-preset-4": ("face preset's first 4 members: face-age, face-age-c85 (85 % centre), face-age-frz (stem + 2 "
+                      "stages frozen, 92 % centre), face-group-c85; 5 epochs; every member kept",
+                      "--preset face --members face-age face-age-c85 face-age-frz face-group-c85 "
+                      "--min-member-weight 0 --max-passes 0 --max-members 0"),
+    "face-preset": ("face preset (shipped): the 4 above + face-age-frz3 (3 stages frozen), face-age-blr3 (backbone "
+                    "lr 0.3 x), face-age-c78 (78 % centre); pruned to <= 4 members, <= 6 passes: 3 kept, no mirror",
+                    "--preset face"),
 }
 
 
