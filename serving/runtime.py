@@ -170,7 +170,6 @@ def model_summary(onnx_path: Path) -> dict:
         "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
         "preset": meta.get("preset"), "created": meta.get("created"),
         "outputs": list(meta.get("outputs", {})),
-        "age_val_mae_years": meta.get("age_val_mae_years"),
         "face_detection": face_detection_summary(meta.get("face_template")),
     }
 
