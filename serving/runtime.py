@@ -119,12 +119,16 @@ class OnnxModel:
 
     def predict(self, images: np.ndarray, gender=None, race=None) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W, 3) uint8 [+ gender, race] -> probabilities (N, C) float32 and labels (N,) int64."""
+        probabilities, labels = self.session.run(["probabilities", "label"], self.feed(images, gender, race))
+        return probabilities, labels
+
+    def feed(self, images: np.ndarray, gender=None, race=None) -> dict[str, np.ndarray]:
+        """The graph's inputs, in the types it takes."""
         feed = {"image": np.ascontiguousarray(images, dtype=np.uint8)}
         if self.needs_demographics:
             feed["gender"] = np.asarray(gender, dtype=np.int64)
             feed["race"] = np.asarray(race, dtype=np.int64)
-        probabilities, labels = self.session.run(["probabilities", "label"], feed)
-        return probabilities, labels
+        return feed
 
     def session_output_shape(self, name: str) -> tuple[int, ...]:
         """An output's shape without its batch dimension, e.g. (5,) for probabilities, () for label."""
@@ -133,11 +137,7 @@ class OnnxModel:
 
     def predict_all(self, images: np.ndarray, gender=None, race=None) -> dict[str, np.ndarray]:
         """Like predict, but every output of the graph by name (the age graph adds `age` and `age_range`)."""
-        feed = {"image": np.ascontiguousarray(images, dtype=np.uint8)}
-        if self.needs_demographics:
-            feed["gender"] = np.asarray(gender, dtype=np.int64)
-            feed["race"] = np.asarray(race, dtype=np.int64)
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return dict(zip(self.output_names, self.session.run(self.output_names, self.feed(images, gender, race))))
 
 
 def describe(class_names: list[str], probabilities, label: int, key: str = "class", age=None,

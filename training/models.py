@@ -313,21 +313,9 @@ class AgeEnsemble(nn.Module):
         w = torch.ones(len(members)) if weights is None else torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("weights", w / w.sum())
 
-    def member_probs(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
-        def softmaxes(x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([m.group_probs(x, gender, race) for m in self.members], dim=0)  # (M, B, 5)
-
-        probs = softmaxes(images)
-        return 0.5 * (probs + softmaxes(images.flip(3))) if self.tta_flip else probs
-
-    def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
-        probs = self.member_probs(images, gender, race)  # (M, B, 5)
-        return (probs * self.weights.view(-1, 1, 1)).sum(dim=0)  # (B, 5)
-
-    def predict(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
-        """One pass over the members: (B, 5) group probabilities, as forward, and (B, 51) the age distribution:
-        the weighted mix of the exact-age members' (weights renormalised among them), or of every member's
-        group probabilities spread over their ages when no member scores exact ages."""
+    def member_outputs(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
+        """Every member's (M, B, 5) group probabilities and (M, B, 51) age distribution, from one pass of each
+        member (two with the mirror, averaged)."""
         def outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = [m(x, gender, race) for m in self.members]
             groups = torch.stack([m.decode(z) for m, z in zip(self.members, logits)])  # (M, B, 5)
@@ -338,6 +326,16 @@ class AgeEnsemble(nn.Module):
         if self.tta_flip:
             mirrored_groups, mirrored_ages = outputs(images.flip(3))
             groups, ages = 0.5 * (groups + mirrored_groups), 0.5 * (ages + mirrored_ages)
+        return groups, ages
+
+    def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
+        return self.predict(images, gender, race)[0]  # (B, 5)
+
+    def predict(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor):
+        """(B, 5) group probabilities, the weighted average of the members', and (B, 51) the age distribution:
+        the weighted mix of the exact-age members' (weights renormalised among them), or of every member's
+        group probabilities spread over their ages when no member scores exact ages."""
+        groups, ages = self.member_outputs(images, gender, race)
         scores_ages = torch.tensor([m.target == "age" for m in self.members], device=images.device)
         age_weights = self.weights * scores_ages if bool(scores_ages.any()) else self.weights
         age_weights = age_weights / age_weights.sum()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -265,12 +266,14 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     results = []
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
-        model = build_member(member, cfg.input_size, mean, std, pretrained=True)
+        previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
+        reuse = bool(previous and previous.get("complete") and same_recipe(previous["config"], common["config"]))
+        # pretrained weights only for a member that trains: a finished checkpoint replaces them anyway
+        model = build_member(member, cfg.input_size, mean, std, pretrained=not reuse)
         model = model.to(device, memory_format=torch.channels_last)
         loss_fn = make_member_loss(cfg, model)
         origin = starting_weights(member.arch)
-        previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
-        if previous and previous.get("complete") and same_recipe(previous["config"], common["config"]):
+        if reuse:
             print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
             model.load_state_dict(previous["state_dict"])
         else:
@@ -337,6 +340,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     return summary
 
 
+@functools.lru_cache(maxsize=None)  # hashes a 22 MB file: once per run, not once per member
 def starting_weights(arch: str) -> dict:
     """Where a member's weights start: dlib's file (name, sha256, license) for "face", else random init."""
     if arch != "face":
