@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -153,3 +155,46 @@ def test_export_parity_of_an_ensemble_of_framings_and_backbones(tmp_path):
     report = check_parity(graph, path, lambda n: example_age_inputs(n, 150), names)
     assert all(r["max_abs_diff"] <= 1e-4 and r["labels_equal"] for r in report.values()), report
     assert all(r["age_max_abs_diff_years"] <= 1e-2 for r in report.values()), report
+
+
+def test_a_smaller_member_shrinks_the_graph_input_as_pillow_resizes():
+    """A 150 px member fed 200 px images sees what Pillow's bilinear resize to 150 px would have given it (the
+    shrink is a fixed antialiased filter in the graph): within one grey level, and a third of one on average."""
+    import numpy as np
+    from PIL import Image
+
+    face = np.asarray(Image.open(Path(__file__).parent / "data" / "face.jpg").convert("RGB").resize((200, 200)))
+    pillow = np.asarray(Image.fromarray(face).resize((150, 150), Image.BILINEAR)).astype(np.float32)
+    member = build_member("face-age-frz3", 200)  # crop 1, its own 150 px
+    assert (member.source_size, member.window_side(), member.input_size) == (200, 200, 150)
+    framed = member.frame(torch.from_numpy(face.copy()).permute(2, 0, 1)[None].float())[0].permute(1, 2, 0).numpy()
+    assert framed.shape == pillow.shape
+    assert np.abs(framed - pillow).max() <= 1.0 and np.abs(framed - pillow).mean() < 0.5
+
+
+def test_a_native_member_sees_its_window_unresampled():
+    member = build_member("face-age-n92-frz", 200)  # 92 % of 200 px = its own 184 px
+    images = torch.rand(2, 3, 200, 200) * 255
+    assert member.window_side() == member.input_size == 184 and not hasattr(member, "shrink")
+    torch.testing.assert_close(member.frame(images), images[:, :, 8:192, 8:192])
+
+
+def test_export_parity_of_a_mixed_size_ensemble(tmp_path):
+    """One 200 px graph input; members at 150 (shrunk, one from a crop), 184 and 170 (native windows) and a VGG at
+    80 px: the ONNX graph matches PyTorch within 1e-4."""
+    from dataclasses import replace
+
+    from training.config import member_by_name
+    from training.export import AgeGraph, check_parity, example_age_inputs, export_graph
+
+    torch.manual_seed(0)
+    configs = ["face-age-frz3", "face-age-c85", "face-age-n92-frz", "face-age-n85",
+               replace(member_by_name("vgg-age"), input_size=80)]
+    members = [build_member(c, 200).eval() for c in configs]
+    assert [m.input_size for m in members] == [150, 150, 184, 170, 80]
+    ensemble = AgeEnsemble(members, [0.3, 0.2, 0.2, 0.2, 0.1]).eval()
+    graph, names = AgeGraph(ensemble).eval(), ["image", "gender", "race"]
+    path = tmp_path / "sizes.onnx"
+    export_graph(graph, example_age_inputs(2, 200), names, path, ["probabilities", "label", "age", "age_range"])
+    report = check_parity(graph, path, lambda n: example_age_inputs(n, 200), names)
+    assert all(r["max_abs_diff"] <= 1e-4 and r["labels_equal"] for r in report.values()), report

@@ -40,6 +40,9 @@ class MemberConfig:
     crop: float = 1.0  # share of the image side kept, centred, and resized back to the input size (a framing)
     backbone_lr: float = 1.0  # the backbone's learning rate as a share of the run's (pretrained backbones: < 1)
     freeze: int = 0  # face only: the stem and this many residual stages keep their pretrained weights
+    input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
+    # size; a member whose framed window is larger than its own side is shrunk inside the graph, antialiased as
+    # Pillow's bilinear resize does, so members of different sizes share one input
 
 
 # The course report's five members: 0.5 on block 7; 0.5 on blocks 6-7; 0.25 everywhere; 0.1 everywhere; none.
@@ -62,7 +65,7 @@ NEW_MEMBERS = (
     MemberConfig("res48-age", seed=16, arch="resnet", width=48, target="age", head_hidden=128, head_dropout=0.3),
 )
 # Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target and freezing.
-FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1)
+FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1, input_size=150)  # dlib's chip size
 FACE_MEMBERS = (
     MemberConfig("face-age", seed=21, target="age", **FACE),
     MemberConfig("face-age-c85", seed=22, target="age", crop=0.85, **FACE),
@@ -72,6 +75,11 @@ FACE_MEMBERS = (
     MemberConfig("face-age-frz3", seed=26, target="age", freeze=3, **FACE),
     MemberConfig("face-age-blr3", seed=27, target="age", crop=0.92, **{**FACE, "backbone_lr": 0.3}),
     MemberConfig("face-age-c78", seed=28, target="age", crop=0.78, **FACE),
+    MemberConfig("face-age-frz-b", seed=29, target="age", crop=0.92, freeze=2, **FACE),
+    MemberConfig("face-age-frz-c85", seed=30, target="age", crop=0.85, freeze=2, **FACE),
+    # at the crop window's own resolution in a 200 px run (184 and 170 px: no resampling at all)
+    MemberConfig("face-age-n92-frz", seed=31, target="age", crop=0.92, freeze=2, **{**FACE, "input_size": 184}),
+    MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),
 )
 DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS + FACE_MEMBERS  # every member a preset or --members can name
 
@@ -120,6 +128,11 @@ AGE_PRESETS: dict[str, dict] = {
     "face": dict(input_size=150, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
                  max_passes=6, max_members=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
                                         "face-age-frz3", "face-age-blr3", "face-age-c78")),
+    # The face members fed 200 px crops (no resize of the data set's crops): the 150 px members shrink them in the
+    # graph, the native ones (n92, n85) see their window at full resolution; one graph, mixed member sizes.
+    "face-mixed": dict(input_size=200, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
+                       max_passes=6, max_members=4, members=("face-age-c85", "face-age-frz", "face-age-frz3",
+                                                             "face-age-n92-frz", "face-age-n85")),
     # The course report's design as it ran before: 5 VGG members differing in dropout, 80 px, 20 epochs.
     "course": dict(input_size=80, epochs=20, batch_size=64, members=tuple(m.name for m in COURSE_MEMBERS)),
     # The new recipe where a GPU is lent: five members at 96 px, 40 epochs, bf16 autocast.

@@ -164,6 +164,15 @@ class FaceResNet(nn.Module):
         return self.descriptor(self(x).mean(dim=(2, 3)))
 
 
+def antialias_matrix(source: int, size: int) -> torch.Tensor:
+    """(size, source) the linear map of a 1-D antialiased bilinear resize (torch's, which matches Pillow's
+    BILINEAR within a grey level), read off by resizing the unit vectors; ONNX has no antialiased Resize in the
+    exporter, but a matrix product exports everywhere."""
+    unit = torch.eye(source).view(source, 1, 1, source)
+    return F.interpolate(unit, size=(1, size), mode="bilinear", align_corners=False, antialias=True).view(
+        source, size).T.contiguous()
+
+
 def age_group_matrix() -> torch.Tensor:
     """(51, 5) 0/1: which group each exact age 10-60 belongs to."""
     groups = torch.tensor([group_of_age(a) for a in AGES])
@@ -181,9 +190,13 @@ class AgeCNN(nn.Module):
                  mean: tuple[float, ...] = (127.5,) * 3, std: tuple[float, ...] = (64.0,) * 3, *,
                  arch: str = "vgg", width: int = 32, depth: tuple[int, ...] = (1, 1, 1, 1),
                  target: str = "group", head_hidden: int = 32, head_dropout: float = 0.5, crop: float = 1.0,
-                 backbone_lr: float = 1.0, freeze: int = 0):
+                 backbone_lr: float = 1.0, freeze: int = 0, source_size: int = 0):
         super().__init__()
         self.input_size, self.target, self.crop, self.backbone_lr = input_size, target, crop, backbone_lr
+        self.source_size = source_size or input_size  # side of the images it is fed (the graph's input)
+        window = self.window_side()
+        if window > input_size:  # shrinking: Pillow's antialiased bilinear filter as a (input_size, window) matrix
+            self.register_buffer("shrink", antialias_matrix(window, input_size), persistent=False)
         self.normalize = Normalize(mean, std)
         if arch == "vgg":
             self.features, channels = vgg_features(input_size, dropout)
@@ -215,15 +228,21 @@ class AgeCNN(nn.Module):
         x = torch.cat([x, one_hot(gender, len(GENDERS)), one_hot(race, len(RACES))], dim=1)  # (B, C + 7)
         return self.head(x)  # (B, 5) group logits or (B, 51) age logits
 
+    def window_side(self) -> int:
+        """Side of the centred window of the fed image that this member frames (all of it at crop 1)."""
+        return round(self.source_size * self.crop) if self.crop < 1 else self.source_size
+
     def frame(self, images: torch.Tensor) -> torch.Tensor:
-        """The centred `crop` share of the image, resized back to the input size (bilinear); or the image."""
-        if self.crop >= 1:
-            return images
-        side = self.input_size  # static, so the export traces plain integers
-        keep = round(side * self.crop)
+        """The centred `crop` share of the fed image at the member's input size: shrunk with an antialiased
+        filter, enlarged bilinearly, or as it is. Sizes are static, so the export traces plain integers."""
+        side, keep, size = self.source_size, self.window_side(), self.input_size
         start = (side - keep) // 2
-        window = images[:, :, start:start + keep, start:start + keep]
-        return F.interpolate(window, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        window = images if keep == side else images[:, :, start:start + keep, start:start + keep]
+        if keep > size:
+            return self.shrink @ window @ self.shrink.T  # rows, then columns: (B, C, size, size)
+        if keep < size:
+            return F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False)
+        return window
 
     @torch.no_grad()
     def calibrate_batchnorm(self, images: torch.Tensor, batch_size: int = 64) -> None:
@@ -376,7 +395,8 @@ class Stl10MLP(nn.Module):
 
 def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5,) * 3, std=(64.0,) * 3,
                  pretrained: bool = False) -> AgeCNN:
-    """The public factory: an AgeCNN for a member config (or its name) at an input size.
+    """The public factory: an AgeCNN for a member config (or its name) fed images of `input_size` (the run's and
+    the graph's); it sees them at its own `input_size` where the config names one.
 
     `pretrained` starts a "face" backbone from dlib's published weights, normalised as dlib normalises
     ((x - its channel means) / 256) instead of with `mean` and `std`; a checkpoint restores both anyway."""
@@ -389,10 +409,10 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
 
         state, settings = dlib_state_dict()
         mean, std = settings["means"], (256.0,) * 3
-    model = AgeCNN(input_size, tuple(float(p) for p in member.dropout), mean, std, arch=member.arch,
-                   width=member.width, depth=tuple(member.depth), target=member.target,
+    model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
+                   arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
-                   backbone_lr=member.backbone_lr, freeze=member.freeze)
+                   backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size)
     if pretrained and member.arch == "face":
         model.features.load_state_dict(state)
     return model
