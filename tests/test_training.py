@@ -152,3 +152,31 @@ def test_pruning_leaves_out_members_under_the_floor_and_past_the_budget():
     assert weights[list(keep).index(0)] == weights.max()
     keep, weights = prune_members(members, targets, min_weight=0.0, cap=2)
     assert len(keep) == 2 and 0 in keep  # the budget wins over the minimum of three
+
+
+def test_a_member_with_its_own_size_and_epochs_trains_and_exports(face_dir, tmp_path, monkeypatch):
+    """A run at 32 px with a member that sees 24 px and trains 3 epochs (as a from-scratch member beside
+    fine-tuned ones does): its checkpoint holds 3 epochs, the others the run's 2, and the graph passes parity."""
+    import json
+
+    from training import config
+    from training.config import AGE_PRESETS, AgeTrainConfig, MemberConfig
+    from training.export import export_age_ensemble, load_age_ensemble
+    from training.train import train_age_ensemble
+
+    own = MemberConfig("own-size", seed=5, arch="resnet", target="age", input_size=24, epochs=3)
+    monkeypatch.setattr(config, "DEFAULT_MEMBERS", config.DEFAULT_MEMBERS + (own,))
+    cfg = AgeTrainConfig(**AGE_PRESETS["tiny"], preset="tiny", data_dir=face_dir, out_dir=tmp_path / "run",
+                         members=("nodrop", "vgg-age", "own-size"), val_fraction=0.25, min_member_weight=0.0)
+    train_age_ensemble(cfg)
+    epochs = {name: len(torch.load(tmp_path / "run" / f"member-{name}.pt", weights_only=False)["history"])
+              for name in ("nodrop", "own-size")}
+    assert epochs == {"nodrop": 2, "own-size": 3}
+    ensemble, summary = load_age_ensemble(tmp_path / "run")
+    sizes = {entry["name"]: m.input_size for entry, m in zip(summary["members"], ensemble.members)}
+    assert sizes == {"nodrop": 32, "vgg-age": 32, "own-size": 24}
+    export_age_ensemble(tmp_path / "run", tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "age_ensemble.json").read_text())
+    assert meta["input_size"] == [32, 32]
+    assert {m["name"]: m["input_size"] for m in meta["members"]} == sizes
+    assert all(r["max_abs_diff"] <= 1e-4 for r in meta["parity"].values())

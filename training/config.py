@@ -43,6 +43,7 @@ class MemberConfig:
     input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
     # size; a member whose framed window is larger than its own side is shrunk inside the graph, antialiased as
     # Pillow's bilinear resize does, so members of different sizes share one input
+    epochs: int = 0  # training epochs of this member (0 = the run's): a from-scratch member beside fine-tuned ones
 
 
 # The course report's five members: 0.5 on block 7; 0.5 on blocks 6-7; 0.25 everywhere; 0.1 everywhere; none.
@@ -80,6 +81,9 @@ FACE_MEMBERS = (
     # at the crop window's own resolution in a 200 px run (184 and 170 px: no resampling at all)
     MemberConfig("face-age-n92-frz", seed=31, target="age", crop=0.92, freeze=2, **{**FACE, "input_size": 184}),
     MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),
+    # from random initialisation, beside the face members of a face preset: its own small size and epochs
+    MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
+                 input_size=64, epochs=40),
 )
 DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS + FACE_MEMBERS  # every member a preset or --members can name
 

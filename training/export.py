@@ -170,10 +170,11 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
             "normalization": {"mean": list(summary["mean"]), "std": list(summary["std"]),
                               "units": "0-255 pixel values, per RGB channel, from the training split"},
             "members": [{"name": m["name"], "config": m["member"], "weight": m["weight"],
+                         "input_size": model.input_size,  # what it sees: the graph's input, or shrunk in the graph
                          "val_accuracy": m["val_accuracy"], "val_macro_f1": m["val_macro_f1"],
                          "train_seconds": round(m["train_seconds"], 1),
                          "starting_weights": m.get("starting_weights", {"name": "random initialisation"})}
-                        for m in summary["members"]],
+                        for m, model in zip(summary["members"], ensemble.members)],
             "left_out_members": summary.get("dropped_members", []),
             "face_template": template,
             "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
