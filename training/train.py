@@ -283,8 +283,8 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
                                     seed=member.seed)
-            fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                loss_fn=loss_fn, checkpoint=checkpoint,
+            fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
+                weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
                 name=member.name, ema=cfg.ema, mixup=cfg.mixup)
