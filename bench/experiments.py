@@ -90,6 +90,14 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "face-preset": ("face preset (shipped): the 4 above + face-age-frz3 (3 stages frozen), face-age-blr3 (backbone "
                     "lr 0.3 x), face-age-c78 (78 % centre); pruned to <= 4 members, <= 6 passes: 3 kept, no mirror",
                     "--preset face"),
+    # Round 6: the face preset alone, seeds, mixed input sizes, a from-scratch member beside face members.
+    "face-preset-alone": ("face preset rerun alone (timed): kept face-age-c85, face-age-frz, face-age-frz3, "
+                          "face-age-blr3", "--preset face"),
+    "face-seeds": ("face preset's 7 + face-age-frz-b (frz, another seed) and face-age-frz-c85 (frz at 85 %)",
+                   "--preset face --members face-age face-age-c85 face-age-frz face-group-c85 face-age-frz3 "
+                   "face-age-blr3 face-age-c78 face-age-frz-b face-age-frz-c85"),
+    "face-mixed": ("200 px input: c85, frz, frz3 shrunk to 150 px in the graph; face-age-n92-frz (184 px) and "
+                   "face-age-n85 (170 px) see their window unresampled", "--preset face-mixed"),
 }
 
 

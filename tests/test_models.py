@@ -172,6 +172,17 @@ def test_a_smaller_member_shrinks_the_graph_input_as_pillow_resizes():
     assert np.abs(framed - pillow).max() <= 1.0 and np.abs(framed - pillow).mean() < 0.5
 
 
+def test_a_multi_level_head_reads_the_last_stages_pooled():
+    member = build_member("face-age-ml", 150).eval()
+    assert member.head[0].in_features == 128 + 256 + 256 + 2 + 5
+    images, gender, race = torch.rand(2, 3, 150, 150) * 255, torch.tensor([0, 1]), torch.tensor([3, 4])
+    maps = member.features.stage_maps(member.normalize(images))
+    torch.testing.assert_close(maps[-1], member.features(member.normalize(images)))
+    pooled = torch.cat([m.mean(dim=(2, 3)) for m in maps[-3:]], dim=1)
+    expected = member.head(torch.cat([pooled, torch.eye(2)[gender], torch.eye(5)[race]], dim=1))
+    torch.testing.assert_close(member(images, gender, race), expected)
+
+
 def test_a_native_member_sees_its_window_unresampled():
     member = build_member("face-age-n92-frz", 200)  # 92 % of 200 px = its own 184 px
     images = torch.rand(2, 3, 200, 200) * 255
@@ -180,19 +191,19 @@ def test_a_native_member_sees_its_window_unresampled():
 
 
 def test_export_parity_of_a_mixed_size_ensemble(tmp_path):
-    """One 200 px graph input; members at 150 (shrunk, one from a crop), 184 and 170 (native windows) and a VGG at
-    80 px: the ONNX graph matches PyTorch within 1e-4."""
+    """One 200 px graph input; members at 150 (shrunk, one from a crop, one whose head reads three stages), 184 and
+    170 (native windows) and a VGG at 80 px: the ONNX graph matches PyTorch within 1e-4."""
     from dataclasses import replace
 
     from training.config import member_by_name
     from training.export import AgeGraph, check_parity, example_age_inputs, export_graph
 
     torch.manual_seed(0)
-    configs = ["face-age-frz3", "face-age-c85", "face-age-n92-frz", "face-age-n85",
+    configs = ["face-age-frz3", "face-age-c85", "face-age-n92-frz", "face-age-n85", "face-age-frz-ml",
                replace(member_by_name("vgg-age"), input_size=80)]
     members = [build_member(c, 200).eval() for c in configs]
-    assert [m.input_size for m in members] == [150, 150, 184, 170, 80]
-    ensemble = AgeEnsemble(members, [0.3, 0.2, 0.2, 0.2, 0.1]).eval()
+    assert [m.input_size for m in members] == [150, 150, 184, 170, 150, 80]
+    ensemble = AgeEnsemble(members, [0.3, 0.2, 0.1, 0.1, 0.2, 0.1]).eval()
     graph, names = AgeGraph(ensemble).eval(), ["image", "gender", "race"]
     path = tmp_path / "sizes.onnx"
     export_graph(graph, example_age_inputs(2, 200), names, path, ["probabilities", "label", "age", "age_range"])

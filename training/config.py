@@ -43,6 +43,8 @@ class MemberConfig:
     input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
     # size; a member whose framed window is larger than its own side is shrunk inside the graph, antialiased as
     # Pillow's bilinear resize does, so members of different sizes share one input
+    levels: int = 1  # face only: the pooled maps of this many last stages, concatenated, feed the head (1 = the
+    # last stage's only; a recognition network's last stage is trained to ignore age, earlier ones keep texture)
     epochs: int = 0  # training epochs of this member (0 = the run's): a from-scratch member beside fine-tuned ones
 
 
@@ -78,6 +80,9 @@ FACE_MEMBERS = (
     MemberConfig("face-age-c78", seed=28, target="age", crop=0.78, **FACE),
     MemberConfig("face-age-frz-b", seed=29, target="age", crop=0.92, freeze=2, **FACE),
     MemberConfig("face-age-frz-c85", seed=30, target="age", crop=0.85, freeze=2, **FACE),
+    # the head on the pooled maps of the last three stages (128 + 256 + 256 channels), not the last one only
+    MemberConfig("face-age-ml", seed=34, target="age", levels=3, **FACE),
+    MemberConfig("face-age-frz-ml", seed=35, target="age", crop=0.92, freeze=2, levels=3, **FACE),
     # at the crop window's own resolution in a 200 px run (184 and 170 px: no resampling at all)
     MemberConfig("face-age-n92-frz", seed=31, target="age", crop=0.92, freeze=2, **{**FACE, "input_size": 184}),
     MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),

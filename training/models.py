@@ -146,11 +146,19 @@ class FaceResNet(nn.Module):
                                           for b in range(blocks))))
             c_in = c_out
         self.stages = nn.Sequential(*stages)
-        self.channels = c_in
+        self.channels, self.stage_channels = c_in, tuple(c for c, _ in STAGES)
         self.descriptor = nn.Linear(c_in, 128, bias=False)  # dlib's fc_no_bias; unused by AgeCNN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))  # (B, 256, h, w)
+
+    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output map of every residual stage, the last one being forward's."""
+        maps, x = [], self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
 
     def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """Every convolution with the BatchNorm that follows it."""
@@ -190,10 +198,13 @@ class AgeCNN(nn.Module):
                  mean: tuple[float, ...] = (127.5,) * 3, std: tuple[float, ...] = (64.0,) * 3, *,
                  arch: str = "vgg", width: int = 32, depth: tuple[int, ...] = (1, 1, 1, 1),
                  target: str = "group", head_hidden: int = 32, head_dropout: float = 0.5, crop: float = 1.0,
-                 backbone_lr: float = 1.0, freeze: int = 0, source_size: int = 0):
+                 backbone_lr: float = 1.0, freeze: int = 0, source_size: int = 0, levels: int = 1):
         super().__init__()
         self.input_size, self.target, self.crop, self.backbone_lr = input_size, target, crop, backbone_lr
         self.source_size = source_size or input_size  # side of the images it is fed (the graph's input)
+        if levels > 1 and arch != "face":
+            raise ValueError("levels > 1 needs the face backbone")
+        self.levels = levels  # pooled maps of this many last stages feed the head
         window = self.window_side()
         if window > input_size:  # shrinking: Pillow's antialiased bilinear filter as a (input_size, window) matrix
             self.register_buffer("shrink", antialias_matrix(window, input_size), persistent=False)
@@ -204,7 +215,7 @@ class AgeCNN(nn.Module):
             self.features, channels = resnet_features(width, depth)
         elif arch == "face":
             self.features = FaceResNet()
-            channels = self.features.channels
+            channels = sum(self.features.stage_channels[-levels:])
             self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
@@ -223,8 +234,11 @@ class AgeCNN(nn.Module):
             self.register_buffer("age_to_group", age_group_matrix(), persistent=False)
 
     def forward(self, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(self.frame(images)))  # (B, C, h, w)
-        x = self.pool(x).flatten(1)  # (B, C)
+        x = self.normalize(self.frame(images))
+        if self.levels > 1:  # (B, C) the last stages' pooled maps side by side
+            x = torch.cat([self.pool(m).flatten(1) for m in self.features.stage_maps(x)[-self.levels:]], dim=1)
+        else:
+            x = self.pool(self.features(x)).flatten(1)  # (B, C)
         x = torch.cat([x, one_hot(gender, len(GENDERS)), one_hot(race, len(RACES))], dim=1)  # (B, C + 7)
         return self.head(x)  # (B, 5) group logits or (B, 51) age logits
 
@@ -412,7 +426,8 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
-                   backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size)
+                   backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size,
+                   levels=member.levels)
     if pretrained and member.arch == "face":
         model.features.load_state_dict(state)
     return model
