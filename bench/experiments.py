@@ -98,6 +98,12 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                    "face-age-blr3 face-age-c78 face-age-frz-b face-age-frz-c85"),
     "face-mixed": ("200 px input: c85, frz, frz3 shrunk to 150 px in the graph; face-age-n92-frz (184 px) and "
                    "face-age-n85 (170 px) see their window unresampled", "--preset face-mixed"),
+    "face-res": ("face preset's 7 + res-age-64: from scratch, 64 px shrunk in the graph, 40 epochs",
+                 "--preset face --members face-age face-age-c85 face-age-frz face-group-c85 face-age-frz3 "
+                 "face-age-blr3 face-age-c78 res-age-64"),
+    "face-ml": ("face-res's 8 + face-age-ml and face-age-frz-ml: the head reads the last 3 stages pooled",
+                "--preset face --members face-age face-age-c85 face-age-frz face-group-c85 face-age-frz3 "
+                "face-age-blr3 face-age-c78 res-age-64 face-age-ml face-age-frz-ml"),
 }
 
 
