@@ -37,7 +37,7 @@ class MemberConfig:
     target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
     head_hidden: int = 32  # width of the head's hidden layer
     head_dropout: float = 0.5  # dropout before the head's last layer
-    crop: float = 1.0  # share of the image side kept, centred, and resized back to the input size (a framing)
+    crop: float = 1.0  # share of the image side kept, centred, and resized to the member's input size (a framing)
     backbone_lr: float = 1.0  # the backbone's learning rate as a share of the run's (pretrained backbones: < 1)
     freeze: int = 0  # face only: the stem and this many residual stages keep their pretrained weights
     input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
@@ -67,7 +67,7 @@ NEW_MEMBERS = (
                  head_dropout=0.3),
     MemberConfig("res48-age", seed=16, arch="resnet", width=48, target="age", head_hidden=128, head_dropout=0.3),
 )
-# Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target and freezing.
+# Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target, freezing, size, head.
 FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1, input_size=150)  # dlib's chip size
 FACE_MEMBERS = (
     MemberConfig("face-age", seed=21, target="age", **FACE),
