@@ -146,7 +146,7 @@ class FaceResNet(nn.Module):
                                           for b in range(blocks))))
             c_in = c_out
         self.stages = nn.Sequential(*stages)
-        self.channels, self.stage_channels = c_in, tuple(c for c, _ in STAGES)
+        self.stage_channels = tuple(c for c, _ in STAGES)  # each stage's output channels; the last is forward's
         self.descriptor = nn.Linear(c_in, 128, bias=False)  # dlib's fc_no_bias; unused by AgeCNN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
