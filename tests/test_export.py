@@ -7,7 +7,17 @@ import pytest
 import torch
 
 from training import export
-from training.export import AgeGraph, check_parity, example_age_inputs, export_age_ensemble, load_age_ensemble
+from training.export import (
+    AgeGraph,
+    check_parity,
+    example_age_inputs,
+    export_age_ensemble,
+    export_graph,
+    load_age_ensemble,
+    round_to_half,
+    store_half,
+)
+from training.models import AgeEnsemble, build_member
 
 
 def test_graph_contract(tiny_export):
@@ -81,3 +91,56 @@ def test_export_parity_with_and_without_flip_averaging(tiny_run, tmp_path, tta_f
     export.export_graph(graph, example_age_inputs(2, size), names, tmp_path / "m.onnx")
     report = check_parity(graph, tmp_path / "m.onnx", lambda n: example_age_inputs(n, size), names)
     assert all(r["max_abs_diff"] <= 1e-4 and r["labels_equal"] for r in report.values())
+
+
+def test_half_rounding_folds_batchnorms_and_keeps_the_function(tmp_path):
+    """dlib members' BatchNorms fold into their convolutions, every weight becomes a float16 value, and the
+    probabilities move by far less than a decision needs; the file then stores those weights in float16 and
+    onnxruntime computes exactly what it computed from the float32 file."""
+    torch.manual_seed(0)
+    members = [build_member("face-age-frz", 150).eval(), build_member("vgg-age", 150).eval()]
+    for member in members:  # non-trivial BatchNorm statistics, as after training
+        for name, buffer in member.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.uniform_(-0.5, 0.5)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    ensemble = AgeEnsemble(members, [0.6, 0.4]).eval()
+    graph, names = AgeGraph(ensemble).eval(), ["image", "gender", "race"]
+    inputs = example_age_inputs(4, 150, seed=7)
+    with torch.no_grad():
+        before = graph(*inputs)[0]
+        round_to_half(ensemble)
+        after = graph(*inputs)[0]
+    assert (after - before).abs().max() < 1e-2
+    for member in ensemble.members:
+        stats = [b for name, b in member.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        assert all(torch.equal(t, t.half().float()) for t in [*member.parameters(), *stats])
+    for _, norm in ensemble.members[0].features.conv_norm_pairs():
+        assert norm.eps == 0 and bool((norm.running_var == 1).all()) and bool((norm.weight == 1).all())
+    path = tmp_path / "half.onnx"
+    export_graph(graph, example_age_inputs(2, 150), names, path, export.AGE_OUTPUTS)
+    feeds = {k: v.numpy() for k, v in zip(names, inputs)}
+    full = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    size = path.stat().st_size
+    assert store_half(path) > 0
+    assert path.stat().st_size < 0.6 * size
+    halved = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(full, halved):
+        assert np.array_equal(a, b)
+    big = [i for i in onnx.load(str(path)).graph.initializer if np.prod(i.dims) >= export.HALF_MIN_SIZE]
+    assert big and all(i.data_type == onnx.TensorProto.FLOAT16 for i in big)
+
+
+def test_half_export_of_a_run(tiny_run, tmp_path):
+    """--half: the JSON says so, large weights are float16 in the file, and parity holds against the rounded model."""
+    meta = export_age_ensemble(tiny_run, tmp_path, half=True)
+    assert meta["weights"].startswith("float16") and all(r["max_abs_diff"] <= 1e-4 for r in meta["parity"].values())
+    ensemble, summary = load_age_ensemble(tiny_run)
+    round_to_half(ensemble)
+    inputs = example_age_inputs(5, summary["input_size"], seed=3)
+    session = ort.InferenceSession(str(tmp_path / "age_ensemble.onnx"), providers=["CPUExecutionProvider"])
+    probs = session.run(None, {k: v.numpy() for k, v in zip(["image", "gender", "race"], inputs)})[0]
+    with torch.no_grad():
+        expected = AgeGraph(ensemble).eval()(*inputs)[0].numpy()
+    assert np.abs(probs - expected).max() <= 1e-5

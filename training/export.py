@@ -82,6 +82,72 @@ def load_age_ensemble(run_dir: str | Path) -> tuple[AgeEnsemble, dict]:
     return ensemble.eval(), summary
 
 
+def conv_norm_pairs(features: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Every convolution of a backbone with the BatchNorm right after it: the backbone's own list where it keeps
+    one (dlib's), else consecutive pairs inside its Sequentials (the VGG and ResNet blocks)."""
+    if hasattr(features, "conv_norm_pairs"):
+        return features.conv_norm_pairs()
+    pairs = []
+    for sequence in features.modules():
+        if isinstance(sequence, nn.Sequential):
+            layers = list(sequence)
+            pairs += [(a, b) for a, b in zip(layers, layers[1:])
+                      if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d)]
+    return pairs
+
+
+def round_to_half(ensemble: AgeEnsemble) -> None:
+    """Make every weight of the ensemble a float16 value, the function otherwise unchanged, so that the ONNX file
+    can store them in half the bytes and still compute exactly what PyTorch computes (in float32).
+
+    A BatchNorm that follows a convolution is first folded into it (the exporter would fold it anyway, into
+    weights that are no longer float16 values) and left as an identity (scale 1, shift 0, mean 0, variance 1,
+    eps 0); then parameters and BatchNorm statistics are rounded to the nearest float16."""
+    with torch.no_grad():
+        for member in ensemble.members:
+            for conv, norm in conv_norm_pairs(member.features):
+                weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(
+                    conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+                conv.weight.copy_(weight)
+                if conv.bias is None:
+                    conv.bias = nn.Parameter(bias, requires_grad=False)
+                else:
+                    conv.bias.copy_(bias)
+                norm.weight.fill_(1.0), norm.bias.zero_(), norm.running_mean.zero_(), norm.running_var.fill_(1.0)
+                norm.eps = 0.0
+            for tensor in [*member.parameters(), *(b for name, b in member.named_buffers()
+                                                   if name.endswith(("running_mean", "running_var")))]:
+                tensor.copy_(tensor.half().float())
+
+
+HALF_MIN_SIZE = 1024  # smaller initializers stay float32: their bytes do not matter
+
+
+def store_half(path: Path) -> int:
+    """Rewrite the ONNX file at `path` with every large float32 initializer that is exactly a float16 value stored
+    as float16, behind a Cast back to float32 (onnxruntime folds the casts when it loads the graph, so it runs
+    in float32 as before). Returns the number of initializers rewritten."""
+    model = onnx.load(str(path))
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        values = onnx.numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if values.size < HALF_MIN_SIZE or not np.array_equal(half.astype(np.float32), values):
+            continue
+        name = init.name
+        init.CopyFrom(onnx.numpy_helper.from_array(half, f"{name}.fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.cast",
+                                           to=onnx.TensorProto.FLOAT))
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return len(casts)
+
+
 def example_age_inputs(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random but valid graph inputs: uint8 images, gender 0-1, race 0-4."""
     g = torch.Generator().manual_seed(seed + n)
@@ -142,9 +208,12 @@ def publish(files: dict[str, bytes | Path], out_dir: Path) -> None:
         os.replace(tmp, out_dir / name)
 
 
-def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
-    """Export the whole weighted softmax ensemble of a run as out_dir/age_ensemble.{onnx,json}."""
+def export_age_ensemble(run_dir: str | Path, out_dir: str | Path, half: bool = False) -> dict:
+    """Export the whole weighted softmax ensemble of a run as out_dir/age_ensemble.{onnx,json}; with `half`,
+    its weights rounded to and stored as float16 (round_to_half, store_half): half the file."""
     ensemble, summary = load_age_ensemble(run_dir)
+    if half:
+        round_to_half(ensemble)  # the parity check below then compares exactly these weights
     template_path = Path(run_dir) / "face_template.json"
     if not template_path.is_file():
         raise ExportError(f"{template_path} not found: fit it with agegroup-train template --out-dir {run_dir}")
@@ -154,6 +223,7 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "age_ensemble.onnx"
         export_graph(graph, example_age_inputs(2, size), names, path, AGE_OUTPUTS)
+        halved = store_half(path) if half else 0
         parity = check_parity(graph, path, lambda n: example_age_inputs(n, size), names)
         config = summary["config"]
         metadata = {
@@ -189,6 +259,9 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path) -> dict:
             "preset": summary["preset"], "epochs": summary["epochs"], "training": config,
             "training_wall_time_s": round(summary["train_seconds"], 1),
             "data_sha256": summary["data_sha256"],
+            "weights": (f"float16 values (rounded at export; {halved} tensors stored as float16, cast to float32 "
+                        "inside the graph), computed in float32; validation accuracy above is the float32 run's"
+                        if half else "float32"),
             "opset": OPSET, "versions": versions(), "parity": parity,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -233,13 +306,15 @@ def main(argv: list[str] | None = None) -> None:
     age = tasks.add_parser("age", help="export a trained ensemble run as age_ensemble.onnx + .json")
     age.add_argument("--run-dir", type=Path, required=True, help="the training run folder (holds ensemble.pt)")
     age.add_argument("--out-dir", type=Path, default=Path("exported"), help="where the files go (default: exported)")
+    age.add_argument("--half", action="store_true",
+                     help="store the weights as float16 (rounded first; computed in float32): half the file")
     stl = tasks.add_parser("stl10", help="export a trained STL-10 MLP checkpoint as stl10_mlp.onnx + .json")
     stl.add_argument("--checkpoint", type=Path, required=True, help="the stl10_mlp.pt a training run wrote")
     stl.add_argument("--out-dir", type=Path, required=True, help="where the files go")
     args = parser.parse_args(argv)
     try:
         if args.task == "age":
-            meta = export_age_ensemble(args.run_dir, args.out_dir)
+            meta = export_age_ensemble(args.run_dir, args.out_dir, half=args.half)
             print(f"ensemble val accuracy {meta['ensemble_val_accuracy']:.4f}", end="; ")
         else:
             if not args.checkpoint.is_file():
