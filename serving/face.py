@@ -97,7 +97,8 @@ class FaceFinder:
         scale = min(1.0, DETECT_SIDE / max(image.shape[:2]))
         grey = Image.fromarray(image).convert("L")  # Pillow's C code: 4x faster than a numpy mean here
         if scale < 1.0:
-            grey = grey.resize((round(image.shape[1] * scale), round(image.shape[0] * scale)), Image.BILINEAR)
+            grey = grey.resize((max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                                Image.BILINEAR)  # a 1x10000 strip keeps a side of 1 px, not 0
         grey = np.asarray(grey)  # (h, w) uint8
         detector, predictor = self.models.get()  # blocks while every copy is busy
         try:

@@ -58,7 +58,8 @@ def test_a_pasted_face_is_found_there_and_aligned_back(finder, face_side, angle,
 
 def test_blank_and_noise_images_have_no_face(finder):
     rng = np.random.default_rng(0)
-    for image in (np.full((480, 640, 3), 255, np.uint8), rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)):
+    for image in (np.full((480, 640, 3), 255, np.uint8), rng.integers(0, 256, (300, 300, 3), dtype=np.uint8),
+                  np.full((1, 10000, 3), 128, np.uint8), np.full((10000, 1, 3), 128, np.uint8)):  # strips
         assert finder.find(image) == []
         with pytest.raises(NoFace, match="no face found in the image"):
             finder.frame(image)

@@ -125,6 +125,13 @@ def test_an_image_without_a_face_gets_a_422(server):
         assert_error(post(server, encoded(pixels)), 422, "no face found in the image")
 
 
+@pytest.mark.parametrize("shape", [(1, 10000), (10000, 1), (1, 1), (2, 3000)])
+def test_strips_and_single_pixels_get_a_422_not_a_500(server, shape):
+    pixels = np.random.default_rng(2).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    assert_error(post(server, encoded(pixels)), 422, "no face found in the image")
+    assert post(server, encoded(pixels), {"gender": "1", "race": "2", "aligned": "true"}).status_code == 200
+
+
 def test_aligned_crops_skip_detection(server):
     blank = encoded(np.full((80, 80, 3), 128, dtype=np.uint8))
     for value in ("true", "1", "TRUE"):

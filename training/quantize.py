@@ -1,0 +1,392 @@
+"""int8 export step: post-training static quantization of an exported age graph with ONNX Runtime's tooling.
+
+    agegroup-export age --run-dir runs/face --int8                    # train -> float graph -> int8 graph
+    agegroup-export quantize --model float/age_ensemble.onnx --data-dir ../shared/data/faces --out-dir exported
+
+The float graph is prepared to quantize well (each member's input normalisation folded into its first
+convolution), calibrated on faces of the training split (never the validation split), and quantized in QDQ
+format: int8 per-channel convolution weights, uint8 activations, everything after the backbones (heads,
+softmaxes, weighted average, age and age range) left in float. The result is held to the float graph on
+real faces (label agreement, max |delta prob|) before it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_static,
+)
+
+# What is quantized: the backbones. Their convolutions, and the ops between them, so that int8 tensors flow
+# from one convolution to the next without a float round trip (a ReLU or a max pool of uint8 stays uint8).
+QUANTIZED_OPS = ["Conv", "Relu", "Add", "MaxPool", "AveragePool", "Pad"]
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a float graph becomes int8; the defaults are what measured best on a 2-core AVX2 EPYC."""
+
+    method: str = "minmax"  # activation ranges: minmax, percentile (99.999) or entropy
+    reduce_range: bool = True  # 7-bit weights: without VNNI, 8-bit u8 x s8 products saturate (11 % labels moved)
+    per_channel: bool = True  # one scale per output channel of each convolution
+    first: str = "uint8"  # the first convolutions (raw 0-255 pixels in): uint8 weights (u8 x u8: no saturation),
+    # "int8" 8-bit (saturates: 95 % labels kept), "float", or "same" as the rest (7-bit: 0.9 point lower)
+    images: int = 256  # calibration faces, drawn from the training split
+    seed: int = 0  # which training faces calibrate
+    batch: int = 16  # faces per calibration run
+
+    def describe(self) -> dict:
+        first = {"same": "as the rest", "uint8": "uint8 weights (u8 x u8 kernel: no saturation on raw pixels)",
+                 "int8": "8-bit int8 weights", "float": "float"}[self.first]
+        return {"format": "QDQ (onnxruntime.quantization.quantize_static)", "quantized_ops": QUANTIZED_OPS,
+                "weights": "int8 per output channel" if self.per_channel else "int8 per tensor",
+                "reduce_range": self.reduce_range, "activations": "uint8, asymmetric",
+                "first_convolutions": first, "calibration_method": self.method, "settings": asdict(self)}
+
+
+def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    """The value of an initializer, reached directly or through Identity nodes; None if it is not constant."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """Fold every `Conv((x - mean) / std)` into `Conv'(x)`, in place. Returns the names of the convolutions
+    that now read x itself, and of those that read x - mean.
+
+    The division folds exactly into the weights (W / std per input channel). The mean folds into the bias
+    (b - sum W * mean / std) only where the convolution pads nothing: a zero-padded border would stand for
+    x = 0 instead of x = mean. A padding convolution keeps its Sub, so the graph computes the same function
+    either way. Folding leaves the convolution reading raw 0-255 pixels, which quantize exactly."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inits = {init.name: init for init in model.graph.initializer}
+    raw, scaled, dead = [], [], set()
+    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        div = producers.get(conv.input[0])
+        if div is None or div.op_type != "Div" or len(consumers[div.output[0]]) != 1 or conv.input[1] not in inits:
+            continue
+        sub = producers.get(div.input[0])
+        std = constant_of(model, div.input[1])
+        if sub is None or sub.op_type != "Sub" or std is None or len(consumers[sub.output[0]]) != 1:
+            continue
+        mean = constant_of(model, sub.input[1])
+        if mean is None:
+            continue
+        weight = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)  # (O, C, kh, kw)
+        channels = weight.shape[1]
+        std, mean = np.broadcast_to(std.reshape(-1), (channels,)), np.broadcast_to(mean.reshape(-1), (channels,))
+        divided = weight / std.reshape(1, -1, 1, 1)
+        pads = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0])
+        padless = not any(pads) and not any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET", b"VALID")
+                                            for a in conv.attribute)
+        bias = constant_of(model, conv.input[2]) if len(conv.input) > 2 else None
+        bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+        tag = f"{conv.name}.folded"
+        model.graph.initializer.extend([numpy_helper.from_array(divided.astype(np.float32), f"{tag}.weight")])
+        if padless:  # both steps folded: the convolution reads the un-normalised input
+            bias = bias - (divided * mean.reshape(1, -1, 1, 1)).sum(axis=(1, 2, 3))
+            conv.input[0] = sub.input[0]
+            dead.update([sub.name, div.name])
+            raw.append(conv.name)
+        else:  # only the division folded: the convolution reads x - mean
+            conv.input[0] = sub.output[0]
+            dead.add(div.name)
+            scaled.append(conv.name)
+        model.graph.initializer.extend([numpy_helper.from_array(bias.astype(np.float32), f"{tag}.bias")])
+        conv.input[1] = f"{tag}.weight"
+        if len(conv.input) > 2:
+            conv.input[2] = f"{tag}.bias"
+        else:
+            conv.input.append(f"{tag}.bias")
+    keep = [n for n in model.graph.node if n.name not in dead]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    prune_initializers(model)
+    return raw, scaled
+
+
+def prune_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers (and Identity aliases) that nothing reads any more."""
+    while True:
+        used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        idle = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+        if not idle:
+            break
+        for node in idle:
+            model.graph.node.remove(node)
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+class FaceBatches(CalibrationDataReader):
+    """Feeds the graph's own inputs, a batch at a time: (N, H, W, 3) uint8 faces with their gender and race."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def backbone_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that feed a convolution, directly or through others, and the convolutions: what
+    quantization may touch. Everything downstream of the last convolutions (pooling, heads, softmax, the
+    weighted average, age and age range) stays float."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    upstream, stack = set(), list(convs)
+    while stack:
+        node = stack.pop()
+        if node.name in upstream:
+            continue
+        upstream.add(node.name)
+        stack += [producers[i] for i in node.input if i in producers]
+    return sorted(upstream)
+
+
+def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
+                   settings: QuantSettings = QuantSettings()) -> dict:
+    """Fold the input normalisation, calibrate on `faces` (training-split faces), quantize and write the int8
+    graph to out_path, its first convolutions fed the uint8 pixels where they read them as they are."""
+    model = onnx.ModelProto()
+    model.CopyFrom(float_model)
+    raw, scaled = fold_input_normalization(model)
+    keep = set(backbone_nodes(model))
+    exclude = [n.name for n in model.graph.node if n.name not in keep]
+    firsts = [n for n in model.graph.node if n.name in raw + scaled]
+    overrides = {}
+    if settings.first == "float":
+        exclude += [n.name for n in firsts]
+    else:
+        weight = {"uint8": {"quant_type": QuantType.QUInt8}, "int8": {"reduce_range": False}}.get(settings.first)
+        overrides.update({n.input[1]: [weight] for n in firsts if weight})
+        # raw 0-255 pixels in: scale 1 and zero point 0 hold them exactly, so the uint8 image can feed them as is
+        pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
+        overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
+    extra = {"CalibPercentile": 99.999, "TensorQuantOverrides": overrides}
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        onnx.save(model, str(folded))
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(folded), str(prepared))  # shape inference and graph clean-up, ORT's first step
+        quantize_static(str(prepared), str(out_path), FaceBatches(faces.feeds(settings.batch)),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
+                        per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        calibrate_method=CALIBRATION_METHODS[settings.method], extra_options=extra)
+    quantized = onnx.load(str(out_path))
+    direct = uint8_front(quantized)
+    onnx.save(quantized, str(out_path))
+    return {"folded_convolutions": len(raw) + len(scaled), "uint8_fed_convolutions": direct}
+
+
+PIXEL_OPS = ("Transpose", "Slice", "Resize")  # ops that move or resample pixels, which ONNX Runtime runs on uint8
+
+
+def uint8_front(model: onnx.ModelProto) -> int:
+    """Drop the float round trip in front of the first convolutions, in place: where a QuantizeLinear of scale 1
+    and zero point 0 reads pixels that come from the uint8 image through a Cast to float and pixel ops only
+    (crop, resize), run those ops on the uint8 image instead and let the DequantizeLinear read their output.
+    Returns how many such QuantizeLinear nodes were removed."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    removed, added = set(), []
+    def unit(node) -> bool:  # a Quantize/DequantizeLinear with scale 1 and zero point 0: uint8 <-> float as is
+        scale, zero = constant_of(model, node.input[1]), constant_of(model, node.input[2])
+        return (scale is not None and zero is not None and zero.dtype == np.uint8 and scale.size == 1
+                and scale.item() == 1.0 and zero.item() == 0)
+
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and unit(n)]:
+        chain, name = [], q.input[0]  # pixel ops between the float pixels and the QuantizeLinear, last first
+        while name in producers and producers[name].op_type in PIXEL_OPS:
+            chain.append(producers[name])
+            name = producers[name].input[0]
+        start = producers.get(name)  # a Cast of uint8 pixels to float, or their exact DequantizeLinear
+        if start is None or not (start.op_type == "Cast" or start.op_type == "DequantizeLinear" and unit(start)) \
+                or not reaches(producers, start.input[0], uint8_inputs):
+            continue
+        source = start.input[0]
+        for node in reversed(chain):  # a uint8 copy of each pixel op
+            copy = onnx.helper.make_node(node.op_type, [source, *node.input[1:]], [f"{node.output[0]}.u8"],
+                                         name=f"{node.name}.u8")
+            copy.attribute.extend(node.attribute)
+            added.append(copy)
+            source = copy.output[0]
+        for node in model.graph.node:  # the DequantizeLinear (and anything else) reads the uint8 pixels
+            node.input[:] = [source if i == q.output[0] else i for i in node.input]
+        removed.add(q.name)
+    nodes = [n for n in model.graph.node if n.name not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(topological(nodes + added, model))
+    prune_dead(model)
+    return len(removed)
+
+
+def reaches(producers: dict, name: str, sources: set[str]) -> bool:
+    """Whether tensor `name` is one of `sources` seen through pixel ops only."""
+    while name not in sources:
+        if name not in producers or producers[name].op_type not in PIXEL_OPS:
+            return False
+        name = producers[name].input[0]
+    return True
+
+
+def topological(nodes: list, model: onnx.ModelProto) -> list:
+    """`nodes` ordered so that each comes after the producers of its inputs (ONNX requires it)."""
+    ready = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    ordered, pending = [], list(nodes)
+    while pending:
+        left = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                left.append(node)
+        if len(left) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input at {left[0].name}")
+        pending = left
+    return ordered
+
+
+def prune_dead(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    prune_initializers(model)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Faces:
+    """Decoded faces at the graph's input size with what the graph and the metrics need."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    gender: np.ndarray  # (N,) int64
+    race: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64 age group
+    ages: np.ndarray  # (N,) years
+
+    def feeds(self, batch: int = 32) -> list[dict]:
+        return [{"image": self.images[i:i + batch], "gender": self.gender[i:i + batch],
+                 "race": self.race[i:i + batch]} for i in range(0, len(self.images), batch)]
+
+
+def split_faces(data_dir: Path, size: int, val_fraction: float, split_seed: int, calibration: int, seed: int,
+                data_sha256: str | None = None) -> tuple[Faces, Faces]:
+    """The run's own split of data.csv: `calibration` faces drawn from its training split, and its whole
+    validation split (to compare the graphs on; never used to calibrate). Checks data.csv is the run's."""
+    from serving.table import read_face_table
+    from training.config import AGE_GROUPS, AGES
+    from training.data import load_images, stratified_split
+
+    csv = Path(data_dir) / "data.csv"
+    table = read_face_table(csv, labels=len(AGE_GROUPS), ages=(AGES[0], AGES[-1]))
+    if data_sha256 and file_sha256(csv) != data_sha256:
+        raise ValueError(f"{csv} is not the data.csv the model was trained on (sha256 differs): its split would "
+                         "not be the model's, and calibration could see validation faces")
+    train_idx, val_idx = stratified_split(table["Label"].to_numpy(), val_fraction, split_seed)
+    rng = np.random.default_rng(seed)
+    calib_idx = np.sort(rng.choice(train_idx, min(calibration, len(train_idx)), replace=False))
+
+    def faces(index: np.ndarray) -> Faces:
+        rows = table.iloc[index]
+        return Faces(load_images(rows["path"].tolist(), size), rows["Gender"].to_numpy(np.int64),
+                     rows["Race"].to_numpy(np.int64), rows["Label"].to_numpy(np.int64), rows["Age"].to_numpy())
+
+    return faces(calib_idx), faces(val_idx)
+
+
+def scores(session: ort.InferenceSession, faces: Faces) -> dict:
+    """The graph's outputs over `faces`, and its accuracy, macro-F1 and age MAE there."""
+    from sklearn.metrics import f1_score
+
+    outs = [session.run(None, feed) for feed in faces.feeds()]
+    probs, labels = np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+    result = {"probs": probs, "labels": labels, "accuracy": float((labels == faces.labels).mean()),
+              "macro_f1": float(f1_score(faces.labels, labels, average="macro", zero_division=0))}
+    if len(outs[0]) > 2:
+        result["age"] = np.concatenate([o[2] for o in outs])
+        result["age_mae_years"] = float(np.abs(result["age"] - faces.ages).mean())
+    return result
+
+
+def compare_on_faces(float_path: Path, int8_path: Path, faces: Faces) -> dict:
+    """Both graphs on the same real faces: each one's accuracy, macro-F1 and age MAE, and how far apart they are
+    (label agreement, max and mean |delta prob|, max |delta age|)."""
+    runs = [scores(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]), faces)
+            for p in (float_path, int8_path)]
+    delta = np.abs(runs[0]["probs"] - runs[1]["probs"])
+    agreement = float((runs[0]["labels"] == runs[1]["labels"]).mean())
+    report = {"faces": int(len(faces.labels)), "label_agreement": agreement,
+              "max_abs_diff_prob": float(delta.max()), "mean_abs_diff_prob": float(delta.mean())}
+    if "age" in runs[0]:
+        report["max_abs_diff_age_years"] = float(np.abs(runs[0]["age"] - runs[1]["age"]).max())
+    for name, run in zip(("float", "int8"), runs):
+        report[name] = {k: v for k, v in run.items() if k in ("accuracy", "macro_f1", "age_mae_years")}
+    return report
+
+
+MIN_LABEL_AGREEMENT = 0.95  # the int8 graph must give the float graph's label on this share of validation faces
+
+
+class QuantizationError(RuntimeError):
+    """The int8 graph strayed too far from the float graph; nothing was written."""
+
+
+def int8_graph(float_path: Path, out_path: Path, calibration: Faces, validation: Faces,
+               settings: QuantSettings = QuantSettings()) -> dict:
+    """Quantize the float graph at float_path into out_path and hold it to the float graph on the validation
+    faces; returns the JSON's `quantization` section. Raises QuantizationError below MIN_LABEL_AGREEMENT."""
+    steps = quantize_graph(onnx.load(str(float_path)), out_path, calibration, settings)
+    report = compare_on_faces(float_path, out_path, validation)
+    if report["label_agreement"] < MIN_LABEL_AGREEMENT:
+        raise QuantizationError(f"int8 graph keeps the float graph's label on {report['label_agreement']:.1%} of "
+                                f"{report['faces']} validation faces (needs {MIN_LABEL_AGREEMENT:.0%})")
+    return {**settings.describe(), **steps,
+            "calibration": {"faces": int(len(calibration.labels)), "from": "the training split (never validation)",
+                            "seed": settings.seed},
+            "float_graph": {"sha256": file_sha256(float_path), "bytes": Path(float_path).stat().st_size},
+            "vs_float_on_validation": report}
