@@ -126,6 +126,8 @@ class AgeTrainConfig:
     group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs
+    train_fraction: float = 1.0  # stratified share of the training split trained on (validation faces unchanged)
+    seed_offset: int = 0  # added to every member's seed and to the training subsample's: the same recipe reseeded
     augment: bool = True  # random flip, small rotation, shift and scale on training batches only
     patience: int = 0  # stop a member after this many epochs without a better val loss (0 = never)
     members: tuple[str, ...] = ()  # the ensemble's member names (empty = the course's five members)

@@ -315,9 +315,10 @@ class Faces:
 
 
 def split_faces(data_dir: Path, size: int, val_fraction: float, split_seed: int, calibration: int, seed: int,
-                data_sha256: str | None = None) -> tuple[Faces, Faces]:
+                data_sha256: str | None = None) -> tuple[Faces | None, Faces]:
     """The run's own split of data.csv: `calibration` faces drawn from its training split, and its whole
-    validation split (to compare the graphs on; never used to calibrate). Checks data.csv is the run's."""
+    validation split (to compare the graphs on; never used to calibrate; calibration 0: None and the validation
+    faces alone). Checks that data.csv is the run's."""
     from serving.table import read_face_table
     from training.config import AGE_GROUPS, AGES
     from training.data import load_images, stratified_split
@@ -336,7 +337,7 @@ def split_faces(data_dir: Path, size: int, val_fraction: float, split_seed: int,
         return Faces(load_images(rows["path"].tolist(), size), rows["Gender"].to_numpy(np.int64),
                      rows["Race"].to_numpy(np.int64), rows["Label"].to_numpy(np.int64), rows["Age"].to_numpy())
 
-    return faces(calib_idx), faces(val_idx)
+    return (faces(calib_idx) if len(calib_idx) else None), faces(val_idx)
 
 
 def scores(session: ort.InferenceSession, faces: Faces) -> dict:

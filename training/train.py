@@ -260,6 +260,10 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)
     labels = table["Label"].to_numpy()
     train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if cfg.train_fraction < 1:  # a stratified subsample of the training split; validation stays the same faces
+        keep, _ = stratified_split(labels[train_idx], 1 - cfg.train_fraction, cfg.seed_offset)
+        train_idx = train_idx[keep]
+        print(f"training on {len(train_idx)} faces ({cfg.train_fraction:.0%} of the training split)", flush=True)
     mean, std = channel_stats(images[train_idx])
     targets = torch.tensor(np.stack([labels, table["Age"].to_numpy()], axis=1))  # (N, 2) [label, age]
     tensors = (to_nchw(images), torch.tensor(table["Gender"].to_numpy()),
@@ -286,12 +290,12 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             print(f"{member.name}: reusing finished checkpoint {checkpoint}", flush=True)
             model.load_state_dict(previous["state_dict"])
         else:
-            torch.manual_seed(member.seed)
+            torch.manual_seed(member.seed + cfg.seed_offset)
             if member.arch == "face":  # pretrained: batch statistics from a sample of the training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
-                                    seed=member.seed)
+                                    seed=member.seed + cfg.seed_offset)
             fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},

@@ -1,0 +1,125 @@
+"""int8 against float of the same members, in one run: speed in-process (batch 1 and 32, 1 and 2 threads),
+validation accuracy, macro-F1, age MAE, label agreement, max |delta prob|, file size, and /predict served at
+32 clients with each graph. Prints a table; writes bench/results/quantization.json.
+
+    .venv/bin/python bench/quantization.py --float runs/face/float/age_ensemble.onnx \\
+        --int8 exported/age_ensemble.onnx --data-dir ../shared/data/faces
+
+Run it on an idle machine (it prints the load average it started at): the speeds are compared as ratios
+within the run, each figure the best of three rounds that alternate between the graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.serving import images_per_s, measured_load, start_server, stop_server  # noqa: E402
+from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
+from training.quantize import compare_on_faces, split_faces  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+BATCHES, THREADS, ROUNDS = (1, 32), (1, 2), 3
+
+
+def cpu_name() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def in_process(paths: dict[str, Path], faces) -> dict:
+    """Best-of-ROUNDS images/s of every graph at every (threads, batch), rounds alternating between graphs."""
+    speeds = {name: {} for name in paths}
+    for threads in THREADS:
+        models = {name: OnnxModel(path, device="cpu", threads=threads) for name, path in paths.items()}
+        for n in BATCHES:
+            batch = (faces.images[:n], faces.gender[:n], faces.race[:n])
+            for _ in range(ROUNDS):
+                for name, model in models.items():
+                    rate = images_per_s(lambda: model.predict(*batch), n, seconds=2.0)
+                    key = f"threads={threads} batch={n}"
+                    speeds[name][key] = max(speeds[name].get(key, 0.0), rate)
+    return speeds
+
+
+def served(paths: dict[str, Path], clients: int, requests: int) -> dict:
+    """/predict at `clients` concurrent clients (aligned crops) with the service's defaults, per graph."""
+    rows = {}
+    for name, path in paths.items():
+        with tempfile.TemporaryDirectory() as tmp:  # the service reads age_ensemble.onnx + .json of a folder
+            for suffix in (".onnx", ".json"):
+                shutil.copyfile(path.with_suffix(suffix), Path(tmp) / f"age_ensemble{suffix}")
+            proc, url = start_server({"AGEGROUP_MODEL_DIR": tmp}, RESULTS / f"serve-quantization-{name}.log")
+            try:
+                measured_load(proc, url, 4, 40)  # warm-up
+                rows[name] = measured_load(proc, url, clients, requests)
+                rows[name]["alone"] = measured_load(proc, url, 1, 100)  # a lone client: its batch of one
+            finally:
+                stop_server(proc)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--float", dest="float_model", type=Path, required=True, help="the float graph")
+    parser.add_argument("--int8", type=Path, default=MODEL_DIR / "age_ensemble.onnx", help="the int8 graph")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "faces")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients for the served figure")
+    parser.add_argument("--requests", type=int, default=640, help="requests for the served figure")
+    parser.add_argument("--skip-service", action="store_true", help="in-process figures only")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()[0]
+    print(f"load average at start: {load:.2f} ({os.cpu_count()} cores, {cpu_name()})", flush=True)
+    paths = {"float": args.float_model, "int8": args.int8}
+    meta = json.loads(args.int8.with_suffix(".json").read_text())
+    split = meta["validation"]
+    _, faces = split_faces(args.data_dir, meta["input_size"][0], split["fraction"], split["seed"], 0, 0,
+                           meta["data_sha256"])
+    quality = compare_on_faces(paths["float"], paths["int8"], faces)
+    speeds = in_process(paths, faces)
+    service = {} if args.skip_service else served(paths, args.clients, args.requests)
+    rows = []
+    for name, path in paths.items():
+        row = {"graph": name, "MB": path.stat().st_size / 1e6, **quality[name], **speeds[name]}
+        if service:
+            row[f"served req/s ({args.clients} clients)"] = service[name]["rps"]
+            row["served p50 ms"] = service[name]["p50_ms"]
+            row["1 client p50 ms"] = service[name]["alone"]["p50_ms"]
+            row["1 client p50 - in-process batch 1 ms"] = (service[name]["alone"]["p50_ms"]
+                                                           - 1000 / speeds[name]["threads=2 batch=1"])
+            row["served / in-process (threads=2 batch=32)"] = (service[name]["rps"]
+                                                               / speeds[name]["threads=2 batch=32"])
+        rows.append(row)
+    ratios = {key: speeds["int8"][key] / speeds["float"][key] for key in speeds["float"]}
+    if service:
+        ratios["served"] = service["int8"]["rps"] / service["float"]["rps"]
+    columns = list(rows[0])
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}"
+                                if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    print("int8 / float: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+    print(f"label agreement {quality['label_agreement']:.1%} of {quality['faces']} validation faces; max |dprob| "
+          f"{quality['max_abs_diff_prob']:.3f}; max |dage| {quality['max_abs_diff_age_years']:.2f} years")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"load_average_at_start": load, "cpu": cpu_name(), "cores": os.cpu_count(),
+                                    "rows": rows, "int8_over_float": ratios, "agreement": quality,
+                                    "service": service}, indent=2, default=float) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
