@@ -2,6 +2,7 @@
 
     agegroup-score faces/testdata.csv submission.csv                # find and align each face, as /predict
     agegroup-score test.csv out.csv --aligned --ages --probabilities # crops scored whole; age columns added
+    agegroup-score big.parquet out.parquet --ray 10.0.0.5:6379       # on a Ray cluster (the ray extra)
 
 A row whose image holds no face gets Category `no_face` (and empty probability and age columns).
 """
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from serving.cli import ArgumentParser, fail
 from serving.face import FaceFinder, NoFace, prepare_face
 from serving.image import InputError
-from serving.runtime import MODEL_DIR, OnnxModel
+from serving.runtime import MODEL_DIR, OnnxModel, read_metadata
 from serving.table import DataError, read_face_table, rows
 
 NO_FACE = "no_face"  # the Category of a row whose image holds no face
@@ -100,15 +101,19 @@ def output_path(out: Path, inputs: tuple[Path, ...]) -> Path:
 
 
 def write_atomically(frame: pd.DataFrame, out: Path) -> None:
-    """Write the CSV to a temporary file beside `out`, then rename it into place.
+    """Write the CSV (Parquet for a .parquet `out`) to a temporary file beside `out`, then rename it into place.
 
     The new file gets the mode a plain open() would give it: the old file's mode, or 0666 less the umask."""
     out.parent.mkdir(parents=True, exist_ok=True)
     mode = out.stat().st_mode & 0o777 if out.exists() else 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            frame.to_csv(handle, index=False)
+        if out.suffix == ".parquet":  # for big jobs: typed columns, compressed (pyarrow, from the ray extra)
+            os.close(fd)
+            frame.to_parquet(tmp, index=False)
+        else:
+            with os.fdopen(fd, "w", newline="") as handle:
+                frame.to_csv(handle, index=False)
         os.chmod(tmp, mode)
         os.replace(tmp, out)
     except BaseException:
@@ -124,30 +129,55 @@ def current_umask() -> int:
 
 def score_csv(csv_path: Path, out: Path, images_root: Path | None = None, model_path: Path | None = None,
               with_probabilities: bool = False, chunk_size: int = 256, workers: int = 4,
-              progress: bool = True, aligned: bool = False, with_ages: bool = False) -> pd.DataFrame:
-    """Validate the CSV and the output path, score every row and write the submission; returns what was written.
-
-    `aligned`: the images are face crops, scored whole; otherwise each face is found and aligned first."""
+              progress: bool = True, aligned: bool = False, with_ages: bool = False,
+              ray_address: str | None = None, ray_actors: int = 0) -> pd.DataFrame:
+    """Validate the table and the output path, score every row and write the submission; returns what was
+    written. `aligned`: the images are face crops, scored whole; otherwise each face is found and aligned first.
+    `ray_address`: score on a Ray cluster instead ("local": a Ray instance started on this machine;
+    serving/ray_batch.py), with `ray_actors` model actors (0: one per CPU of the cluster)."""
     out = output_path(out, (csv_path,))
-    table = read_face_table(csv_path, images_root)
-    model = OnnxModel(model_path or MODEL_DIR / "age_ensemble.onnx")
-    template = model.metadata.get("face_template")
+    table = read_face_table(csv_path, images_root, uris=ray_address is not None)
+    model_path = Path(model_path or MODEL_DIR / "age_ensemble.onnx")
+    if ray_address is not None:
+        from serving.ray_batch import score_table_on_ray
+
+        metadata = read_metadata(model_path)
+        check_template(model_path, metadata, aligned)
+        scored = score_table_on_ray(model_path, table, ray_address, aligned=aligned, batch_size=chunk_size,
+                                    actors=ray_actors, progress=progress)
+        class_names = metadata["class_names"]
+    else:
+        model = OnnxModel(model_path)
+        template = check_template(model_path, model.metadata, aligned)
+        scored = score_table(model, table, chunk_size, workers, progress, None if aligned else FaceFinder(template))
+        class_names = model.class_names
+    submission = submission_frame(table, scored, class_names, with_probabilities, with_ages, model_path)
+    write_atomically(submission, out)
+    return submission
+
+
+def check_template(model_path: Path, metadata: dict, aligned: bool) -> dict | None:
+    """The model's face template; a DataError when faces are to be found and it has none."""
+    template = metadata.get("face_template")
     if not aligned and not template:
-        raise DataError(f"{model.path} has no face template, so faces cannot be found: pass --aligned for crops")
-    scored = score_table(model, table, chunk_size, workers, progress,
-                         None if aligned else FaceFinder(template))
+        raise DataError(f"{model_path} has no face template, so faces cannot be found: pass --aligned for crops")
+    return template
+
+
+def submission_frame(table: pd.DataFrame, scored: dict[str, np.ndarray], class_names: list[str],
+                     with_probabilities: bool, with_ages: bool, model_path: Path) -> pd.DataFrame:
+    """Id, Category (the label, or no_face), and the optional age and probability columns."""
     found = scored["found"]
     category = pd.Series(scored["label"], dtype=object).where(found, NO_FACE)
-    submission = pd.DataFrame({"Id": table["Image"], "Category": category})
+    submission = pd.DataFrame({"Id": table["Image"].to_numpy(), "Category": category})
     if with_ages:
         if "age" not in scored:
-            raise DataError(f"{model.path} has no age outputs (exported before they were added)")
+            raise DataError(f"{model_path} has no age outputs (exported before they were added)")
         submission["age"] = scored["age"].round(1)
         submission["age_p10"], submission["age_p90"] = scored["age_range"][:, 0], scored["age_range"][:, 1]
     if with_probabilities:
-        for k, name in enumerate(model.class_names):
+        for k, name in enumerate(class_names):
             submission[f"p_{name}"] = scored["probabilities"][:, k].round(6)
-    write_atomically(submission, out)
     return submission
 
 
@@ -167,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-size", type=int, default=256, help="images per onnxruntime run (default: 256)")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding threads (default: 4)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="score on a Ray cluster (needs the ray extra): its address (host:port or auto), or "
+                             "nothing for a Ray instance on this machine; images may then be URIs (s3://...)")
+    parser.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                        help="model actors on the cluster (default: one per CPU)")
     args = parser.parse_args(argv)
     if args.chunk_size < 1 or args.workers < 1:
         parser.error("--chunk-size and --workers must be at least 1")
@@ -177,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written = score_csv(args.csv, args.out, args.images_root, model_path, args.probabilities,
                             args.chunk_size, args.workers, progress=not args.no_progress, aligned=args.aligned,
-                            with_ages=args.ages)
+                            with_ages=args.ages, ray_address=args.ray, ray_actors=args.ray_actors)
     except DataError as exc:
         fail("agegroup-score", str(exc), 1)
     except OSError as exc:

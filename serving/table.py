@@ -17,20 +17,31 @@ class DataError(RuntimeError):
 
 
 def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
-                    labels: int = 0, limit: int = 0, ages: tuple[int, int] | None = None) -> pd.DataFrame:
+                    labels: int = 0, limit: int = 0, ages: tuple[int, int] | None = None,
+                    uris: bool = False) -> pd.DataFrame:
     """Columns, integer ranges and image files, all checked; adds a `path` column of absolute image paths.
 
-    `labels` > 0 also requires a Label column with values 0..labels-1; `ages` = (lowest, highest) an Age
-    column in years. Images are relative to `images_root` (default: the CSV's folder).
+    A `.parquet` table is read like a CSV (pyarrow). `labels` > 0 also requires a Label column with values
+    0..labels-1; `ages` = (lowest, highest) an Age column in years. Images are relative to `images_root`
+    (default: the table's folder); with `uris`, an Image may also be a URI (s3://bucket/a.jpg, file:///...),
+    checked through pyarrow's file systems.
     """
     path = Path(csv_path)
     root = Path(images_root) if images_root is not None else path.parent
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        table = pd.read_csv(path, dtype={"Image": str})
+        if path.suffix == ".parquet":
+            table = pd.read_parquet(path)
+            table["Image"] = table["Image"].astype(str) if "Image" in table else None
+        else:
+            table = pd.read_csv(path, dtype={"Image": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
+    except ImportError as exc:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install -e '.[ray]'): {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet table ({str(exc).strip()})") from None
     required = FACE_COLUMNS + (("Label",) if labels else ()) + (("Age",) if ages else ())
     missing = [c for c in required if c not in table.columns]
     if missing:
@@ -49,8 +60,15 @@ def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
         table[column] = values.astype(np.int64)
     if table["Image"].isna().any():
         raise DataError(f"{path}: empty Image value at {rows(table.index[table['Image'].isna()])}")
-    files = [root / p for p in table["Image"]]
-    absent = table.index[[not f.is_file() for f in files]]
+    remote = table["Image"].str.contains("://", regex=False) if uris else pd.Series(False, index=table.index)
+    files = [p if r else root / p for p, r in zip(table["Image"], remote)]
+    exists = [f.is_file() if isinstance(f, Path) else True for f in files]
+    if remote.any():
+        from serving.uri import uris_exist
+
+        for i, ok in zip(table.index[remote], uris_exist([f for f, r in zip(files, remote) if r])):
+            exists[table.index.get_loc(i)] = ok
+    absent = table.index[[not e for e in exists]]
     if len(absent):
         raise DataError(f"{path}: image file not found at {rows(absent)} (first: {files[absent[0]]})")
     table["path"] = [str(f) for f in files]
