@@ -69,7 +69,10 @@ class Scorer:
     """Model actor: the graph loaded once (its files from the object store), then each batch's framed images
     scored with OnnxModel.predict_all, as the local scorer does."""
 
-    def __init__(self, files: dict[str, bytes], device: str):
+    def __init__(self, files, device: str):
+        import ray
+
+        files = ray.get(files) if isinstance(files, ray.ObjectRef) else files  # {name: bytes}, shared by the pool
         self.folder = tempfile.mkdtemp(prefix="agegroup-model-")
         for name, content in files.items():
             Path(self.folder, name).write_bytes(content)
@@ -139,7 +142,7 @@ def score_table_on_ray(model_path: Path, table: pd.DataFrame, address: str = "lo
                             fn_kwargs={"size": size, "template_json": template})
                .map_batches(Scorer, batch_size=chunk, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
                             size=pool), num_cpus=0 if gpus else SCORER_CPUS, num_gpus=1 if gpus else 0,
-                            fn_constructor_kwargs={"files": files, "device": "cuda" if gpus else "cpu"}))
+                            fn_constructor_kwargs={"files": ray.put(files), "device": "cuda" if gpus else "cpu"}))
     parts = list(dataset.iter_batches(batch_format="numpy", batch_size=None))
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
     if len(merged.get("row", ())) != len(table):

@@ -169,6 +169,7 @@ def model_summary(onnx_path: Path) -> dict:
         "test_time_augmentation": meta.get("test_time_augmentation"),
         "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
         "preset": meta.get("preset"), "created": meta.get("created"),
+        "precision": meta.get("precision", "float32"),  # int8: the JSON's quantization section says how
         "outputs": list(meta.get("outputs", {})),
         "face_detection": face_detection_summary(meta.get("face_template")),
     }

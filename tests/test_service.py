@@ -310,6 +310,7 @@ def test_model_endpoint_names_the_version(server):
     assert info["class_names"] == ["10-19", "20-29", "30-39", "40-49", "50-60"]
     assert info["members"] and {"name", "weight", "val_accuracy"} <= set(info["members"][0])
     assert info["outputs"] == ["probabilities", "label", "age", "age_range"]
+    assert info["precision"] == "float32"  # the tiny export; the shipped one says int8
     assert info["face_detection"]["available"] and "5_face_landmarks" in info["face_detection"]["landmarks"]
     assert post(server, jpeg()).json()["model_version"] == info["version"]
 

@@ -43,20 +43,16 @@ class QuantSettings:
 
     method: str = "minmax"  # activation ranges: minmax, percentile (99.999) or entropy
     reduce_range: bool = True  # 7-bit weights: without VNNI, 8-bit u8 x s8 products saturate (11 % labels moved)
-    per_channel: bool = True  # one scale per output channel of each convolution
-    first: str = "uint8"  # the first convolutions (raw 0-255 pixels in): uint8 weights (u8 x u8: no saturation),
-    # "int8" 8-bit (saturates: 95 % labels kept), "float", or "same" as the rest (7-bit: 0.9 point lower)
     images: int = 256  # calibration faces, drawn from the training split
     seed: int = 0  # which training faces calibrate
     batch: int = 16  # faces per calibration run
 
     def describe(self) -> dict:
-        first = {"same": "as the rest", "uint8": "uint8 weights (u8 x u8 kernel: no saturation on raw pixels)",
-                 "int8": "8-bit int8 weights", "float": "float"}[self.first]
         return {"format": "QDQ (onnxruntime.quantization.quantize_static)", "quantized_ops": QUANTIZED_OPS,
-                "weights": "int8 per output channel" if self.per_channel else "int8 per tensor",
-                "reduce_range": self.reduce_range, "activations": "uint8, asymmetric",
-                "first_convolutions": first, "calibration_method": self.method, "settings": asdict(self)}
+                "weights": "int8 per output channel", "reduce_range": self.reduce_range,
+                "activations": "uint8, asymmetric",
+                "first_convolutions": "uint8 weights (u8 x u8 kernel: no saturation on raw pixels)",
+                "calibration_method": self.method, "settings": asdict(self)}
 
 
 def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
@@ -186,16 +182,13 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
     raw, scaled = fold_input_normalization(model)
     keep = set(backbone_nodes(model))
     exclude = [n.name for n in model.graph.node if n.name not in keep]
+    # The first convolutions see the full 0-255 range, where 8-bit u8 x s8 products saturate without VNNI and
+    # 7-bit weights cost 0.9 point: they get uint8 weights (u8 x u8 kernel) instead (training/README.md).
     firsts = [n for n in model.graph.node if n.name in raw + scaled]
-    overrides = {}
-    if settings.first == "float":
-        exclude += [n.name for n in firsts]
-    else:
-        weight = {"uint8": {"quant_type": QuantType.QUInt8}, "int8": {"reduce_range": False}}.get(settings.first)
-        overrides.update({n.input[1]: [weight] for n in firsts if weight})
-        # raw 0-255 pixels in: scale 1 and zero point 0 hold them exactly, so the uint8 image can feed them as is
-        pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
-        overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
+    overrides = {n.input[1]: [{"quant_type": QuantType.QUInt8}] for n in firsts}
+    # raw 0-255 pixels in: scale 1 and zero point 0 hold them exactly, so the uint8 image can feed them as is
+    pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
+    overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
     extra = {"CalibPercentile": 99.999, "TensorQuantOverrides": overrides}
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "folded.onnx"
@@ -204,7 +197,7 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
         quant_pre_process(str(folded), str(prepared))  # shape inference and graph clean-up, ORT's first step
         quantize_static(str(prepared), str(out_path), FaceBatches(faces.feeds(settings.batch)),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS,
-                        per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                        per_channel=True, reduce_range=settings.reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=CALIBRATION_METHODS[settings.method], extra_options=extra)
     quantized = onnx.load(str(out_path))
