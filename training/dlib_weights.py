@@ -21,6 +21,7 @@ WEIGHTS_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 # dlib's network definition (dlib/examples/dnn_face_recognition_ex.cpp): 32-channel stem, then stages of
 # (channels, blocks); the first block of every stage but the first halves the map.
 STEM_CHANNELS = 32
+BN_EPS = 1e-5  # BatchNorm2d's default; a dlib affine layer is loaded as running variance 1 - BN_EPS
 STAGES = ((32, 3), (64, 4), (128, 3), (256, 3), (256, 1))
 
 
@@ -235,8 +236,6 @@ def dlib_state_dict(path: str | Path | None = None) -> tuple[dict, dict]:
     so that the module in eval mode computes exactly dlib's scale * x + shift and can be fine-tuned as a
     batch-normalised network."""
     import torch
-
-    from training.models import BN_EPS
 
     settings, records = read_network(path or find_weights_file())
     it = iter(records)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import AGE_GROUPS, AGES, GENDERS, RACES, MemberConfig, group_of_age, member_by_name
+from training.dlib_weights import BN_EPS, STAGES, STEM_CHANNELS  # dlib's layout (one way: it imports nothing here)
 
 CHANNELS = (32, 32, 64, 64, 128, 128, 256, 256)  # output channels of the course design's 8 conv blocks
 MIN_POOLED_SIDE = 2  # a block max-pools only if the map stays at least this wide afterwards
@@ -98,7 +99,6 @@ def resnet_features(width: int, depth: tuple[int, ...]) -> tuple[nn.Sequential, 
     return nn.Sequential(*layers), c_in
 
 
-BN_EPS = 1e-5  # BatchNorm2d's default; a dlib affine layer is loaded as running variance 1 - BN_EPS
 
 
 class FaceResBlock(nn.Module):
@@ -135,8 +135,6 @@ class FaceResNet(nn.Module):
     Weights come from training.dlib_weights.dlib_state_dict."""
 
     def __init__(self):
-        from training.dlib_weights import STAGES, STEM_CHANNELS
-
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, 7, 2, 0), nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS),
                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
