@@ -33,7 +33,8 @@ def read_face_table(csv_path: str | Path, images_root: str | Path | None = None,
     try:
         if path.suffix == ".parquet":
             table = pd.read_parquet(path)
-            table["Image"] = table["Image"].astype(str) if "Image" in table else None
+            if "Image" in table:
+                table["Image"] = table["Image"].astype("string").astype(object)  # missing values stay NA
         else:
             table = pd.read_csv(path, dtype={"Image": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

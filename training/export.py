@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from serving.cli import ArgumentParser, fail
+from serving.table import DataError
 from training.config import AGE_GROUPS, GENDERS, RACES, STL10_CLASSES
 from training.models import AgeEnsemble, Stl10MLP, age_summary, build_member
 from training.quantize import QuantizationError, QuantSettings, int8_graph, split_faces
@@ -292,7 +293,7 @@ def quantize_into(float_path: Path, metadata: dict, data_dir: Path, settings: Qu
                                               split["seed"], settings.images, settings.seed, metadata["data_sha256"])
         out = tmp / "age_ensemble.int8.onnx"
         section = int8_graph(float_path, out, calibration, validation, settings)
-    except (QuantizationError, ValueError) as exc:
+    except (QuantizationError, DataError, ValueError) as exc:  # the int8 graph strayed; data.csv unusable
         raise ExportError(str(exc)) from None
     measured = section["vs_float_on_validation"]
     metadata.update({
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.task in ("age", "quantize"):
+            if args.calibration_images < 1:
+                parser.error("--calibration-images must be at least 1")
             settings = QuantSettings(method=args.calibration_method, images=args.calibration_images,
                                      reduce_range=not args.full_range)
             if args.task == "age" and args.half and args.int8:
