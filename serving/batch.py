@@ -62,10 +62,15 @@ def score_table(model: OnnxModel, table: pd.DataFrame, chunk_size: int = 256, wo
                 results.append(score_chunk(model, images, table.iloc[chunk.start:chunk.stop]))
             bar.update(len(chunk))
     if bad:
-        first = min(bad)
-        raise DataError(f"{len(bad)} image(s) could not be decoded, at {rows(sorted(bad))} "
-                        f"(first: {paths[first]}: {bad[first]})")
+        raise undecodable(bad, paths)
     return {**{name: np.concatenate([r[name] for r in results]) for name in results[0]}, "found": found}
+
+
+def undecodable(bad: dict[int, str], paths: list[str]) -> DataError:
+    """The error for rows whose image could not be decoded ({row index: reason}): how many, where, the first."""
+    first = min(bad)
+    return DataError(f"{len(bad)} image(s) could not be decoded, at {rows(sorted(bad))} "
+                     f"(first: {paths[first]}: {bad[first]})")
 
 
 def score_chunk(model: OnnxModel, images: list, rows_: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -134,7 +139,7 @@ def score_csv(csv_path: Path, out: Path, images_root: Path | None = None, model_
     """Validate the table and the output path, score every row and write the submission; returns what was
     written. `aligned`: the images are face crops, scored whole; otherwise each face is found and aligned first.
     `ray_address`: score on a Ray cluster instead ("local": a Ray instance started on this machine;
-    serving/ray_batch.py), with `ray_actors` model actors (0: one per CPU of the cluster)."""
+    serving/ray_batch.py), with `ray_actors` model actors (0: one per two CPUs of the cluster)."""
     out = output_path(out, (csv_path,))
     table = read_face_table(csv_path, images_root, uris=ray_address is not None)
     model_path = Path(model_path or MODEL_DIR / "age_ensemble.onnx")
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="score on a Ray cluster (needs the ray extra): its address (host:port or auto), or "
                              "nothing for a Ray instance on this machine; images may then be URIs (s3://...)")
     parser.add_argument("--ray-actors", type=int, default=0, metavar="N",
-                        help="model actors on the cluster (default: one per CPU)")
+                        help="model actors on the cluster (default: one per two CPUs)")
     args = parser.parse_args(argv)
     if args.chunk_size < 1 or args.workers < 1:
         parser.error("--chunk-size and --workers must be at least 1")

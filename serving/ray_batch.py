@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serving.batch import score_chunk, undecodable
 from serving.face import FaceFinder, NoFace, prepare_face
 from serving.image import InputError
 from serving.runtime import OnnxModel
-from serving.table import DataError, rows
+from serving.table import DataError
 
 FRAME_CPUS = 0.5  # a framing task's CPU share: on one-CPU nodes, whole CPUs for both stages starved one and hung
 SCORER_CPUS = 0.5  # a model actor's CPU share (its onnxruntime session runs one thread)
@@ -67,7 +68,7 @@ def frame_batch(batch: dict[str, np.ndarray], size: tuple[int, int], template_js
 
 class Scorer:
     """Model actor: the graph loaded once (its files from the object store), then each batch's framed images
-    scored with OnnxModel.predict_all, as the local scorer does."""
+    scored with serving.batch.score_chunk, as the local scorer scores them."""
 
     def __init__(self, files, device: str):
         import ray
@@ -80,17 +81,10 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         found = batch["found"].astype(bool)
-        out = {"row": batch["row"], "found": found, "error": batch["error"], "node": np.full(len(found), node_id())}
-        scored = np.flatnonzero(found)
-        outputs = self.model.predict_all(batch["image"][scored], batch["gender"][scored],
-                                         batch["race"][scored]) if len(scored) else {}
-        for name in self.model.output_names:
-            shape = (len(found),) + self.model.session_output_shape(name)
-            filled = np.full(shape, -1 if name == "label" else np.nan, np.int64 if name == "label" else np.float64)
-            if len(scored):
-                filled[scored] = outputs[name]
-            out[name] = filled
-        return out
+        images = [image if ok else None for image, ok in zip(batch["image"], found)]
+        demographics = pd.DataFrame({"Gender": batch["gender"], "Race": batch["race"]})
+        return {"row": batch["row"], "found": found, "error": batch["error"], "node": np.full(len(found), node_id()),
+                **score_chunk(self.model, images, demographics)}
 
 
 def node_id() -> str:
@@ -151,7 +145,5 @@ def score_table_on_ray(model_path: Path, table: pd.DataFrame, address: str = "lo
     result = {k: v[order] for k, v in merged.items()}
     bad = {i: str(e) for i, e in enumerate(result.pop("error")) if e}
     if bad:
-        first = min(bad)
-        raise DataError(f"{len(bad)} image(s) could not be decoded, at {rows(sorted(bad))} "
-                        f"(first: {table['path'].iloc[first]}: {bad[first]})")
+        raise undecodable(bad, table["path"].tolist())
     return result

@@ -26,7 +26,7 @@ def ray(*args: str) -> None:
                    timeout=120)
 
 
-def kill_a_scorer(temp_dir: str, killed: list) -> None:
+def kill_a_scorer(killed: list) -> None:
     """Kill the first worker process that holds a Scorer actor (its title names it), once it has one."""
     deadline = time.time() + 60
     while time.time() < deadline and not killed:
@@ -40,7 +40,6 @@ def kill_a_scorer(temp_dir: str, killed: list) -> None:
 
 
 def main() -> None:
-    T0 = time.time()
     temp_dir, table, model, out = sys.argv[1:5]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ.update(ENV)  # the driver below joins the same cluster
@@ -59,10 +58,9 @@ def main() -> None:
     while len([n for n in ray_api.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
         time.sleep(0.5)
     nodes = [n["NodeID"] for n in ray_api.nodes() if n["Alive"]]
-    t_cluster = time.time()
     killed: list = []
     if "--kill-worker" in sys.argv:
-        threading.Thread(target=kill_a_scorer, args=(temp_dir, killed), daemon=True).start()
+        threading.Thread(target=kill_a_scorer, args=(killed,), daemon=True).start()
     import serving.ray_batch as ray_batch
 
     scored_nodes: list = []
@@ -81,7 +79,6 @@ def main() -> None:
                   aligned="--aligned" in sys.argv)
     except DataError as exc:
         error = str(exc)
-    print(f"timing: cluster {t_cluster - T0:.1f}s, job {time.time() - t_cluster:.1f}s", file=sys.stderr)
     print(json.dumps({"nodes": nodes, "scored_on": scored_nodes, "killed": killed, "error": error}), flush=True)
 
 

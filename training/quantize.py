@@ -12,7 +12,6 @@ real faces (label agreement, max |delta prob|) before it is written.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from onnxruntime.quantization import (
     quant_pre_process,
     quantize_static,
 )
+
+from training.train import file_sha256
 
 # What is quantized: the backbones. Their convolutions, and the ops between them, so that int8 tensors flow
 # from one convolution to the next without a float round trip (a ReLU or a max pool of uint8 stays uint8).
@@ -80,7 +81,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     inits = {init.name: init for init in model.graph.initializer}
-    raw, scaled, dead = [], [], set()
+    raw, scaled = [], []
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
         div = producers.get(conv.input[0])
         if div is None or div.op_type != "Div" or len(consumers[div.output[0]]) != 1 or conv.input[1] not in inits:
@@ -106,11 +107,9 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
         if padless:  # both steps folded: the convolution reads the un-normalised input
             bias = bias - (divided * mean.reshape(1, -1, 1, 1)).sum(axis=(1, 2, 3))
             conv.input[0] = sub.input[0]
-            dead.update([sub.name, div.name])
             raw.append(conv.name)
         else:  # only the division folded: the convolution reads x - mean
             conv.input[0] = sub.output[0]
-            dead.add(div.name)
             scaled.append(conv.name)
         model.graph.initializer.extend([numpy_helper.from_array(bias.astype(np.float32), f"{tag}.bias")])
         conv.input[1] = f"{tag}.weight"
@@ -118,26 +117,8 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
             conv.input[2] = f"{tag}.bias"
         else:
             conv.input.append(f"{tag}.bias")
-    keep = [n for n in model.graph.node if n.name not in dead]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    prune_initializers(model)
+    prune_dead(model)  # the Sub and Div no convolution reads any more, and their constants
     return raw, scaled
-
-
-def prune_initializers(model: onnx.ModelProto) -> None:
-    """Drop initializers (and Identity aliases) that nothing reads any more."""
-    while True:
-        used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-        idle = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
-        if not idle:
-            break
-        for node in idle:
-            model.graph.node.remove(node)
-    used = {name for node in model.graph.node for name in node.input}
-    keep = [init for init in model.graph.initializer if init.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
 
 
 class FaceBatches(CalibrationDataReader):
@@ -276,7 +257,7 @@ def topological(nodes: list, model: onnx.ModelProto) -> list:
 
 
 def prune_dead(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads, then initializers nothing reads."""
+    """Remove nodes whose outputs nothing reads (Identity aliases included), then initializers nothing reads."""
     outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | outputs
@@ -285,11 +266,10 @@ def prune_dead(model: onnx.ModelProto) -> None:
             break
         for node in dead:
             model.graph.node.remove(node)
-    prune_initializers(model)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 @dataclass
