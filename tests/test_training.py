@@ -3,9 +3,10 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
-from training.data import BatchAugment, Batches, stratified_split, to_nchw
+from training.data import BatchAugment, Batches, erase_rectangles, stratified_split, to_nchw, validation_split
 from training.models import build_member
 from training.train import evaluate, fit_ensemble_weights, make_loss, train_one_epoch
 
@@ -50,6 +51,55 @@ def test_split_is_stratified_and_fixed():
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 200
     assert np.bincount(labels[val]).tolist() == [6] * 5
     assert np.array_equal(val, stratified_split(labels, 0.15, seed=0)[1])
+
+
+def test_folds_are_stratified_disjoint_and_cover_every_face_once():
+    labels = np.repeat(np.arange(5), 30)
+    folds = [validation_split(labels, 0.12, seed=0, folds=3, fold=k) for k in range(3)]
+    validated = np.concatenate([val for _, val in folds])
+    assert sorted(validated.tolist()) == list(range(150))  # each face validated exactly once
+    for train, val in folds:
+        assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 150
+        assert np.bincount(labels[val]).tolist() == [10] * 5
+    assert np.array_equal(folds[1][1], validation_split(labels, 0.12, seed=0, folds=3, fold=1)[1])
+    assert np.array_equal(validation_split(labels, 0.12, 0)[1], stratified_split(labels, 0.12, 0)[1])  # no folds
+    with pytest.raises(ValueError, match="fold must be 0-2"):
+        validation_split(labels, 0.12, 0, folds=3, fold=3)
+
+
+def test_random_erasing_fills_one_rectangle_of_the_chosen_images():
+    torch.manual_seed(0)
+    images = torch.full((64, 3, 40, 40), 300.0)  # a value noise in 0..255 never takes
+    out = erase_rectangles(images, 0.5)
+    changed = (out != images).any(dim=1)  # (B, H, W)
+    erased = changed.flatten(1).any(1)
+    assert 16 < erased.sum() < 48  # about half the images
+    for mask in changed[erased]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and mask.sum() == box.numel()  # one filled rectangle
+        assert 0.01 * 1600 <= box.numel() <= 0.26 * 1600
+    assert torch.equal(erase_rectangles(images, 0.0), images)
+    assert (out[erased.view(-1, 1, 1, 1).expand_as(out) & (out != images)] <= 255).all()
+
+
+def test_mean_variance_loss_adds_the_mean_error_and_the_spread():
+    from training.config import AGES
+    from training.models import age_distribution_loss
+
+    ages = torch.tensor([20.0, 45.0])
+    logits = torch.randn(2, len(AGES), generator=torch.Generator().manual_seed(0))
+    plain = age_distribution_loss(logits, ages, 3.0)
+    assert torch.allclose(age_distribution_loss(logits, ages, 3.0, (0.0, 0.0)), plain)
+    probs, grid = logits.softmax(1), torch.tensor(AGES, dtype=torch.float32)
+    mean = probs @ grid
+    variance = (probs * (grid - mean[:, None]) ** 2).sum(1)
+    expected = plain + 0.2 * 0.5 * ((mean - ages) ** 2).mean() + 0.05 * variance.mean()
+    assert torch.allclose(age_distribution_loss(logits, ages, 3.0, (0.2, 0.05)), expected, rtol=1e-5)
+    peaked = torch.full((2, len(AGES)), -30.0)
+    peaked[0, 10], peaked[1, 35] = 30.0, 30.0  # all mass on 20 and 45: no mean error, no spread to add
+    assert torch.allclose(age_distribution_loss(peaked, ages, 3.0, (0.2, 0.05)),
+                          age_distribution_loss(peaked, ages, 3.0), atol=1e-4)
 
 
 def test_augmentation_keeps_shape_and_changes_pixels_only_when_asked():
@@ -125,6 +175,9 @@ def test_age_member_learns_from_exact_ages_and_ema_weights_are_saved(tmp_path):
     after = evaluate(model, Batches((images, gender, race, targets), 96), loss_fn)
     assert after["loss"] < first["loss"] and best["val_accuracy"] == after["accuracy"]
     assert after["probs"].shape == (96, 5) and set(after) >= {"accuracy", "macro_f1", "mae"}
+    expected_ages = after["ages"]  # the age head's expected age of each face, and its error in years
+    assert expected_ages.shape == (96,) and ((10 <= expected_ages) & (expected_ages <= 60)).all()
+    assert abs(after["age_mae_years"] - np.abs(expected_ages - targets[:, 1].numpy()).mean()) < 1e-4
 
 
 def test_presets_name_existing_members():
@@ -185,3 +238,28 @@ def test_a_member_with_its_own_size_and_epochs_trains_and_exports(face_dir, tmp_
     assert meta["input_size"] == [32, 32]
     assert {m["name"]: m["input_size"] for m in meta["members"]} == sizes
     assert all(r["max_abs_diff"] <= 1e-4 for r in meta["parity"].values())
+
+
+def test_a_cross_validation_fold_validates_its_fold_and_keeps_answers_by_face(face_dir, tmp_path):
+    from training.config import AGE_PRESETS, AgeTrainConfig
+    from training.data import validation_split
+    from training.train import same_recipe, to_jsonable, train_age_ensemble
+
+    torch.set_num_threads(2)
+    cfg = AgeTrainConfig(**{**AGE_PRESETS["tiny"], "epochs": 1}, preset="tiny", data_dir=face_dir,
+                         out_dir=tmp_path, members=("vgg-age", "res-group"), folds=2, fold=1, face_template=False,
+                         erase=0.5, mean_variance=(0.2, 0.05))
+    train_age_ensemble(cfg)
+    saved = torch.load(tmp_path / "ensemble.pt", weights_only=False)
+    labels = pd.read_csv(face_dir / "data.csv")["Label"].to_numpy()
+    assert saved["val_index"] == validation_split(labels, 0.12, 0, folds=2, fold=1)[1].tolist()
+    assert len(saved["val_index"]) == len(labels) // 2
+    assert set(saved["member_val"]) == {"vgg-age", "res-group"}
+    for answers in saved["member_val"].values():
+        assert answers["probs"].shape == (len(labels) // 2, 5) and answers["ages"].shape == (len(labels) // 2,)
+    assert saved["ensemble"]["age_mae_years"] >= 0 and len(saved["val_true_ages"]) == len(labels) // 2
+    assert not (tmp_path / "face_template.json").exists()  # skipped when asked
+    # a checkpoint written before a setting existed is the same recipe when the setting is at its default
+    old = {k: v for k, v in to_jsonable(AgeTrainConfig()).items() if k not in ("erase", "folds")}
+    assert same_recipe(old, to_jsonable(AgeTrainConfig()))
+    assert not same_recipe(old, to_jsonable(AgeTrainConfig(erase=0.5)))

@@ -124,8 +124,14 @@ class AgeTrainConfig:
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, this decay per step
     mixup: float = 0.0  # > 0: mix training images in pairs, Beta(mixup, mixup) weights, losses mixed alike
     group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
+    mean_variance: tuple[float, ...] = (0.0, 0.0)  # "age" members: weights of the mean-variance loss (Pan et al.
+    # 2018), half the squared error of the predicted mean age and the predicted variance, in years squared
+    erase: float = 0.0  # share of training images given a random-erasing rectangle of noise (0 = none)
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs
+    folds: int = 0  # > 1: K-fold cross-validation, validating on fold `fold` of this many (val_fraction unused)
+    fold: int = 0  # which of the `folds` stratified folds is validation (0-based)
+    face_template: bool = True  # fit the face template after training (the export needs it; CV runs skip it)
     train_fraction: float = 1.0  # stratified share of the training split trained on (validation faces unchanged)
     seed_offset: int = 0  # added to every member's seed and to the training subsample's: the same recipe reseeded
     augment: bool = True  # random flip, small rotation, shift and scale on training batches only

@@ -261,7 +261,9 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path, half: bool = F
             "fitted_without_flip_val_accuracy": summary.get("fitted_without_flip", summary["ensemble"])["accuracy"],
             "fitted_with_flip_val_accuracy": (summary.get("fitted_with_flip") or {}).get("accuracy"),
             "validation": {"fraction": config["val_fraction"], "seed": config["split_seed"],
-                           "size": len(summary["val_index"]), "stratified_by": "Label"},
+                           "size": len(summary["val_index"]), "stratified_by": "Label",
+                           **({"folds": config["folds"], "fold": config["fold"]} if config.get("folds", 0) > 1
+                              else {})},
             "preset": summary["preset"], "epochs": summary["epochs"], "training": config,
             "training_wall_time_s": round(summary["train_seconds"], 1),
             "data_sha256": summary["data_sha256"],
@@ -290,7 +292,8 @@ def quantize_into(float_path: Path, metadata: dict, data_dir: Path, settings: Qu
     split = metadata["validation"]
     try:
         calibration, validation = split_faces(Path(data_dir), metadata["input_size"][0], split["fraction"],
-                                              split["seed"], settings.images, settings.seed, metadata["data_sha256"])
+                                              split["seed"], settings.images, settings.seed, metadata["data_sha256"],
+                                              split.get("folds", 0), split.get("fold", 0))
         out = tmp / "age_ensemble.int8.onnx"
         section = int8_graph(float_path, out, calibration, validation, settings)
     except (QuantizationError, DataError, ValueError) as exc:  # the int8 graph strayed; data.csv unusable

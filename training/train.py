@@ -46,8 +46,9 @@ from training.data import (
     read_stl10,
     stratified_split,
     to_nchw,
+    validation_split,
 )
-from training.models import Stl10MLP, age_distribution_loss, build_member, focal_loss
+from training.models import Stl10MLP, age_distribution_loss, age_summary, build_member, focal_loss
 
 TEMPLATE_FILE = "face_template.json"
 CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
@@ -89,16 +90,24 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = F
 
 @torch.no_grad()
 def evaluate(model, batches, loss_fn) -> dict:
-    """Loss, accuracy, macro-F1 and the softmax probabilities (N, C) over the batches, in order."""
+    """Loss, accuracy, macro-F1 and the softmax probabilities (N, C) over the batches, in order; for an age
+    model with [label, age] targets also each face's expected age ("ages") and their mean absolute error in years."""
     model.eval()
-    probs, targets, total_loss = [], [], 0.0
+    probs, targets, ages, true_ages, total_loss = [], [], [], [], 0.0
     for *inputs, target in batches:
         logits = model(*inputs).float()
         total_loss += loss_fn(logits, target).item() * len(target)
         probs.append(decode(model, logits).cpu())
         targets.append(class_of(target).cpu())
+        if hasattr(model, "age_probs") and target.ndim == 2:
+            ages.append(age_summary(model.age_probs(logits))[0].cpu())
+            true_ages.append(target[:, 1].cpu())
     probs, targets = torch.cat(probs).numpy(), torch.cat(targets).numpy()
-    return {"loss": total_loss / len(targets), **classification_metrics(probs, targets),
+    ages_mae = {}
+    if ages:
+        ages_mae = {"ages": torch.cat(ages).numpy(),
+                    "age_mae_years": float((torch.cat(ages) - torch.cat(true_ages)).abs().mean())}
+    return {"loss": total_loss / len(targets), **classification_metrics(probs, targets), **ages_mae,
             "probs": probs, "targets": targets}
 
 
@@ -226,7 +235,7 @@ def make_member_loss(cfg: AgeTrainConfig, model):
         return make_loss(cfg.label_smoothing, cfg.focal_gamma)
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        value = age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
+        value = age_distribution_loss(logits, y[:, 1], cfg.age_sigma, tuple(cfg.mean_variance))
         if cfg.group_loss:
             value = value + cfg.group_loss * F.nll_loss(model.decode(logits).clamp_min(1e-8).log(), y[:, 0])
         return value
@@ -259,7 +268,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     images = load_images(table["path"].tolist(), cfg.input_size)  # (N, H, W, 3) uint8
     print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)
     labels = table["Label"].to_numpy()
-    train_idx, val_idx = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx = validation_split(labels, cfg.val_fraction, cfg.split_seed, cfg.folds, cfg.fold)
     if cfg.train_fraction < 1:  # a stratified subsample of the training split; validation stays the same faces
         keep, _ = stratified_split(labels[train_idx], 1 - cfg.train_fraction, cfg.seed_offset)
         train_idx = train_idx[keep]
@@ -293,7 +302,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             torch.manual_seed(member.seed + cfg.seed_offset)
             if member.arch == "face":  # pretrained: batch statistics from a sample of the training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
-            augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
+            augment = AUGMENT_PRESETS["faces"](cfg.erase) if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
                                     seed=member.seed + cfg.seed_offset)
             fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
@@ -310,10 +319,13 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         results.append({"name": member.name, "member": asdict(member), "checkpoint": checkpoint.name,
                         "starting_weights": origin,
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                        "val_age_mae_years": val.get("age_mae_years"), "val_ages": val.get("ages"),
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
                         "mirrored_probs": mirrored["probs"]})
     targets = class_of(val_set[-1]).cpu().numpy()
     plain = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
+    # every trained member's validation answers, kept or not (ensemble.pt only): bench/cv.py pairs them by face
+    member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages")} for r, p in zip(results, plain)}
     flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
     candidates = {}
     costs = [ARCH_PASSES.get(r["member"]["arch"], 1) for r in results]  # a member's forward passes an image
@@ -343,13 +355,18 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         r["weight"] = float(w)
     plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
+    if not tta_flip and all(v["ages"] is not None for v in member_val.values()):
+        ensemble_ages = sum(w * member_val[r["name"]]["ages"] for r, w in zip(results, weights))
+        fitted["age_mae_years"] = float(np.abs(ensemble_ages - val_set[-1][:, 1].cpu().numpy()).mean())
     summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
                "tta_flip": bool(tta_flip),
                "fitted_without_flip": without_flip, "fitted_with_flip": with_flip,
                "train_seconds": train_seconds, "preset": cfg.preset,
                "epochs": cfg.epochs}
-    torch.save(summary, out / "ensemble.pt")
-    write_face_template(table["path"].iloc[train_idx].tolist(), out)
+    torch.save({**summary, "member_val": member_val, "val_targets": targets,
+                "val_true_ages": val_set[-1][:, 1].cpu().numpy()}, out / "ensemble.pt")
+    if cfg.face_template:
+        write_face_template(table["path"].iloc[train_idx].tolist(), out)
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_index"}, indent=2))
     print_summary(results, uniform, without_flip, with_flip, tta_flip)
     return summary
@@ -384,9 +401,12 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
 
 
 def same_recipe(a: dict, b: dict) -> bool:
-    """Two configs train identical members (which members, threads, device and folders aside)."""
+    """Two configs train identical members (which members, threads, device and folders aside); a setting one
+    of them predates counts at its default."""
     ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes",
-               "max_members"}
+               "max_members", "face_template"}
+    defaults = to_jsonable(AgeTrainConfig())
+    a, b = {**defaults, **a}, {**defaults, **b}
     return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
 
 
@@ -454,7 +474,8 @@ def fit_run_template(data_dir: Path, out_dir: Path) -> dict:
     config = torch.load(summary_path, weights_only=False)["config"]
     table = read_face_table(Path(data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=config["limit"],
                             ages=(AGES[0], AGES[-1]))
-    train_idx, _ = stratified_split(table["Label"].to_numpy(), config["val_fraction"], config["split_seed"])
+    train_idx, _ = validation_split(table["Label"].to_numpy(), config["val_fraction"], config["split_seed"],
+                                    config.get("folds", 0), config.get("fold", 0))
     return write_face_template(table["path"].iloc[train_idx].tolist(), out_dir)
 
 

@@ -1,0 +1,120 @@
+"""Recipes compared by K-fold cross-validation: every recipe trained on each fold, every face of data.csv
+validated once per recipe, the differences paired by fold and by face. Prints a table; writes bench/results/cv.json.
+
+    .venv/bin/python bench/cv.py --members face-age-frz --folds 3 \\
+        --recipe base= --recipe erase="--erase 0.5" --recipe mv="--mean-variance 0.2 0.05"
+
+A recipe is NAME=ARGS: more `agegroup-train age` arguments on top of --preset and --members (the first recipe is
+the baseline the others are compared with). Each (recipe, fold) is one `agegroup-train age ... --folds K --fold i
+--no-face-template` run under runs/<name>/<recipe>/fold<i>; a finished run is reused, so an interrupted sweep
+resumes. Reported per recipe: accuracy, macro-F1 and age MAE (years) of the run's fitted ensemble (its one
+member when there is one) on each fold, their mean and spread over the folds, and against the baseline the
+paired difference by fold and by face (the mean over all faces of data.csv, with its standard error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict:
+    """Train (or reuse) one recipe on one fold; its fitted ensemble's validation answers, face by face."""
+    out = REPO / "runs" / args.name / recipe / f"fold{fold}"
+    if not (out / "summary.json").is_file():
+        command = [str(Path(sys.executable).with_name("agegroup-train")), "age", "--preset", args.preset,
+                   "--data-dir", str(args.data_dir), "--out-dir", str(out), "--members", *args.members,
+                   "--folds", str(args.folds), "--fold", str(fold), "--no-face-template", *extra]
+        print("+", shlex.join(command), flush=True)
+        start = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "train.log").open("w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+    summary = torch.load(out / "ensemble.pt", weights_only=False)
+    weights = {m["name"]: m["weight"] for m in summary["members"]}
+    probs = sum(w * summary["member_val"][name]["probs"] for name, w in weights.items())
+    ages = sum(w * summary["member_val"][name]["ages"] for name, w in weights.items())
+    targets = summary["val_targets"]
+    return {"fold": fold, "index": np.asarray(summary["val_index"]), "correct": probs.argmax(1) == targets,
+            "accuracy": float((probs.argmax(1) == targets).mean()),
+            "macro_f1": float(f1_score(targets, probs.argmax(1), average="macro")),
+            "abs_age_error": np.abs(ages - summary["val_true_ages"]),
+            "age_mae_years": float(np.abs(ages - summary["val_true_ages"]).mean()),
+            "train_seconds": float(summary["train_seconds"]),
+            "members": {m["name"]: m["val_accuracy"] for m in summary["members"]}}
+
+
+def mean_sd(values: list[float], scale: float = 100.0) -> tuple[float, float]:
+    return scale * statistics.mean(values), scale * (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def by_face(folds: list[dict], key: str) -> np.ndarray:
+    """A per-face array over every fold, ordered by the face's row in data.csv (so recipes pair by face)."""
+    index = np.concatenate([f["index"] for f in folds])
+    return np.concatenate([np.asarray(f[key], dtype=float) for f in folds])[np.argsort(index)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "faces")
+    parser.add_argument("--preset", default="face")
+    parser.add_argument("--members", nargs="+", default=["face-age-frz"])
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--recipe", action="append", required=True, metavar="NAME=ARGS",
+                        help="a recipe: its name and its extra agegroup-train arguments (the first is the baseline)")
+    parser.add_argument("--name", default="cv", help="runs/<name>/ holds the runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cv.json")
+    args = parser.parse_args(argv)
+    recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
+    results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
+    base_name = next(iter(results))
+    base = results[base_name]
+    report = {"members": args.members, "folds": args.folds, "preset": args.preset, "recipes": {}}
+    print(f"\n{args.folds}-fold cross-validation of {' '.join(args.members)} ({args.preset} preset)\n")
+    print("| recipe | args | accuracy by fold | accuracy | macro-F1 | age MAE (y) | vs " + base_name
+          + ", by fold | vs " + base_name + ", by face | train min/fold |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, folds in results.items():
+        acc, f1 = mean_sd([f["accuracy"] for f in folds]), mean_sd([f["macro_f1"] for f in folds])
+        mae = mean_sd([f["age_mae_years"] for f in folds], 1.0)
+        row = {"args": recipes[name], "accuracy_by_fold": [f["accuracy"] for f in folds], "accuracy": acc,
+               "macro_f1": f1, "age_mae_years": mae, "train_minutes_per_fold":
+               statistics.mean(f["train_seconds"] for f in folds) / 60,
+               "members_by_fold": [f["members"] for f in folds]}
+        if name != base_name:
+            row["vs_base_by_fold"] = mean_sd([f["accuracy"] - b["accuracy"] for f, b in zip(folds, base)])
+            diff = by_face(folds, "correct") - by_face(base, "correct")
+            row["vs_base_by_face"] = (100 * diff.mean(), 100 * diff.std(ddof=1) / np.sqrt(len(diff)))
+            age_diff = by_face(folds, "abs_age_error") - by_face(base, "abs_age_error")
+            row["age_mae_vs_base_by_face"] = (age_diff.mean(), age_diff.std(ddof=1) / np.sqrt(len(age_diff)))
+        report["recipes"][name] = row
+        paired = (f"{row['vs_base_by_fold'][0]:+.2f} ± {row['vs_base_by_fold'][1]:.2f}",
+                  f"{row['vs_base_by_face'][0]:+.2f} ± {row['vs_base_by_face'][1]:.2f} (SE)") \
+            if name != base_name else ("", "")
+        by_fold = ", ".join(f"{100 * f['accuracy']:.1f}" for f in folds)
+        print(f"| {name} | {shlex.join(recipes[name])} | {by_fold} | {acc[0]:.2f} ± {acc[1]:.2f} | "
+              f"{f1[0]:.2f} ± {f1[1]:.2f} | {mae[0]:.2f} ± {mae[1]:.2f} | {paired[0]} | {paired[1]} | "
+              f"{row['train_minutes_per_fold']:.1f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    log[f"{' '.join(args.members)} / {args.folds} folds"] = report
+    args.out.write_text(json.dumps(log, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
