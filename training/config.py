@@ -30,9 +30,8 @@ class MemberConfig:
     name: str
     dropout: tuple[float, ...] = (0.0,) * 8  # vgg only: dropout rate after each of the 8 conv blocks (0 = none)
     seed: int = 0  # initialisation and shuffling seed, so members differ even when dropout does not
-    arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages), "face" (dlib's
-    # face-recognition ResNet, started from its published weights; training.dlib_weights) or "facenet" (FaceNet's
-    # Inception-ResNet-v1, face recognition on CASIA-WebFace; training.facenet_weights)
+    arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages) or "face" (dlib's
+    # face-recognition ResNet, started from its published weights; training.dlib_weights)
     width: int = 32  # resnet only: channels of the first stage, doubled at every later stage
     depth: tuple[int, ...] = (1, 1, 1, 1)  # resnet only: basic blocks per stage
     target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
@@ -40,8 +39,7 @@ class MemberConfig:
     head_dropout: float = 0.5  # dropout before the head's last layer
     crop: float = 1.0  # share of the image side kept, centred, and resized to the member's input size (a framing)
     backbone_lr: float = 1.0  # the backbone's learning rate as a share of the run's (pretrained backbones: < 1)
-    freeze: int = 0  # face: the stem and this many residual stages keep their pretrained weights; facenet: the
-    # first this many of its 7 parts (stem, 5 x block35, reduction A, 10 x block17, reduction B, 5 x block8, last)
+    freeze: int = 0  # face: the stem and this many residual stages keep their pretrained weights
     input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
     # size; a member whose framed window is larger than its own side is shrunk inside the graph, antialiased as
     # Pillow's bilinear resize does, so members of different sizes share one input
@@ -71,7 +69,6 @@ NEW_MEMBERS = (
 )
 # Members fine-tuned from dlib's face-recognition ResNet (150 px), differing in framing, target, freezing, size, head.
 FACE = dict(arch="face", head_hidden=128, head_dropout=0.3, backbone_lr=0.1, input_size=150)  # dlib's chip size
-FACENET = {**FACE, "arch": "facenet"}  # the same head and rates at the same 150 px (FaceNet's own is 160)
 FACE_MEMBERS = (
     MemberConfig("face-age", seed=21, target="age", **FACE),
     MemberConfig("face-age-c85", seed=22, target="age", crop=0.85, **FACE),
@@ -89,22 +86,11 @@ FACE_MEMBERS = (
     # at the crop window's own resolution in a 200 px run (184 and 170 px: no resampling at all)
     MemberConfig("face-age-n92-frz", seed=31, target="age", crop=0.92, freeze=2, **{**FACE, "input_size": 184}),
     MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),
-    # FaceNet (a second network, trained on other faces with another architecture), at the run's 150 px: its
-    # block17, reduction B and block8 parts fine-tuned (frz3), or only the block8 ones (frz5)
-    MemberConfig("facenet-age-frz3", seed=41, target="age", freeze=3, **FACENET),
-    MemberConfig("facenet-age-frz5", seed=42, target="age", freeze=5, **FACENET),
-    MemberConfig("facenet-age-c85-frz3", seed=43, target="age", crop=0.85, freeze=3, **FACENET),
-    MemberConfig("facenet-age-frz2", seed=44, target="age", freeze=2, **FACENET),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),
 )
 DEFAULT_MEMBERS = COURSE_MEMBERS + NEW_MEMBERS + FACE_MEMBERS  # every member a preset or --members can name
-# What one forward pass of a member costs in the inference budget (`max_passes`), counted in dlib-ResNet passes:
-# FaceNet's Inception-ResNet takes about 4 times as long an image in onnxruntime (2 threads, batch 32). Others: 1.
-ARCH_PASSES = {"facenet": 4}
-
-
 @dataclass
 class AgeTrainConfig:
     """How the age-group ensemble is trained. Presets below override some fields."""
@@ -142,8 +128,7 @@ class AgeTrainConfig:
     amp: bool = False  # bfloat16 autocast on CUDA
     limit: int = 0  # use only the first N rows of data.csv (0 = all); for smoke runs
     min_member_weight: float = 0.0  # members whose fitted weight falls under this are left out of the ensemble
-    max_passes: int = 0  # inference budget: member forward passes per image, the mirror counted, a member's passes
-    # weighted by ARCH_PASSES (0 = no limit)
+    max_passes: int = 0  # inference budget: member forward passes per image, the mirror counted (0 = no limit)
     max_members: int = 0  # at most this many members in the graph (0 = no limit); each adds its weights' size
 
 
@@ -158,16 +143,6 @@ AGE_PRESETS: dict[str, dict] = {
     "face": dict(input_size=150, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
                  max_passes=6, max_members=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
                                         "face-age-frz3", "face-age-blr3", "face-age-c78")),
-    # The face preset's 7 and 4 members fine-tuned from FaceNet's Inception-ResNet-v1, a second network trained on
-    # other faces (round 7 of the log). At most 4 members and 7 passes, a FaceNet pass counting 4 (ARCH_PASSES):
-    # 3 dlib members and one FaceNet, 80 MB exported with --half (159 MB without); about 48 img/s in onnxruntime
-    # on 2 cores, under the 50 the shipped graph must reach, for +0.4 points on average over the dlib-only
-    # ensembles: logged, not shipped.
-    "face-net": dict(input_size=150, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,
-                     max_passes=7, max_members=4, members=("face-age", "face-age-c85", "face-age-frz", "face-group-c85",
-                                                           "face-age-frz3", "face-age-blr3", "face-age-c78",
-                                                           "facenet-age-frz3", "facenet-age-frz5",
-                                                           "facenet-age-c85-frz3", "facenet-age-frz2")),
     # The face members fed 200 px crops (no resize of the data set's crops): the 150 px members shrink them in the
     # graph, the native ones (n92, n85) see their window at full resolution; one graph, mixed member sizes.
     "face-mixed": dict(input_size=200, epochs=5, batch_size=64, lr=1e-3, age_sigma=3.0, min_member_weight=0.02,

@@ -217,13 +217,8 @@ class AgeCNN(nn.Module):
             self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
-        elif arch == "facenet":
-            from training.facenet_weights import FEATURES, FaceNet
-
-            self.features, channels = FaceNet(), FEATURES
-            self.features.freeze(freeze)
         else:
-            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face or facenet")
+            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet or face")
         self.pool = nn.AdaptiveAvgPool2d(1)  # identity-sized at 224 px with vgg; averages any map to 1x1
         outputs = {"group": len(AGE_GROUPS), "age": len(AGES)}[target]
         self.head = nn.Sequential(
@@ -416,9 +411,7 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
     the graph's); it sees them at its own `input_size` where the config names one.
 
     `pretrained` starts a "face" backbone from dlib's published weights, normalised as dlib normalises
-    ((x - its channel means) / 256) instead of with `mean` and `std`, and a "facenet" one normalised as FaceNet
-    was trained ((x - 127.5) / 128; its weights are read from its graph whatever `pretrained` says); a checkpoint
-    restores both anyway."""
+    ((x - its channel means) / 256) instead of with `mean` and `std`; a checkpoint restores both anyway."""
     if isinstance(member, str):
         member = member_by_name(member)
     elif isinstance(member, dict):
@@ -428,10 +421,6 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
 
         state, settings = dlib_state_dict()
         mean, std = settings["means"], (256.0,) * 3
-    elif pretrained and member.arch == "facenet":  # FaceNet() holds its graph's weights from the start
-        from training.facenet_weights import MEAN, STD
-
-        mean, std = (MEAN,) * 3, (STD,) * 3
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,

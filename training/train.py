@@ -25,7 +25,6 @@ from training.config import (
     AGE_GROUPS,
     AGE_PRESETS,
     AGES,
-    ARCH_PASSES,
     COURSE_MEMBERS,
     STL10_CLASSES,
     STL10_PRESETS,
@@ -197,22 +196,14 @@ def fit_ensemble_weights(member_probs: np.ndarray, targets: np.ndarray, steps: i
 MIN_ENSEMBLE = 3  # pruning never leaves fewer members than this (where there are that many)
 
 
-def prune_members(member_probs: np.ndarray, targets: np.ndarray, min_weight: float, cap: int,
-                  costs: list[float] | None = None, budget: float = 0.0):
+def prune_members(member_probs: np.ndarray, targets: np.ndarray, min_weight: float, cap: int):
     """Fit weights on (M, N, C) member probabilities, then leave out members under `min_weight` and past the
-    `cap` largest, refitting on the rest until nothing changes. With `costs` (each member's forward passes) and
-    a `budget`, the largest weights are taken while their passes fit it: a member that would exceed it is
-    skipped, and a cheaper one after it may still come in. Returns (kept indices, their weights)."""
+    `cap` largest, refitting on the rest until nothing changes. Returns (kept indices, their weights)."""
     keep = np.arange(len(member_probs))
-    costs = np.ones(len(member_probs)) if costs is None else np.asarray(costs, dtype=float)
     weights = fit_ensemble_weights(member_probs, targets)
     while True:
         order = np.argsort(-weights)
-        kept, spent = [], 0.0
-        for k in order:
-            if weights[k] >= min_weight and len(kept) < cap and (not budget or spent + costs[keep[k]] <= budget):
-                kept.append(k)
-                spent += costs[keep[k]]
+        kept = [k for k in order if weights[k] >= min_weight][:cap]
         if len(kept) < min(MIN_ENSEMBLE, cap, len(order)):
             kept = list(order[:min(MIN_ENSEMBLE, cap, len(order))])
         if len(kept) == len(keep):
@@ -328,13 +319,12 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages")} for r, p in zip(results, plain)}
     flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
     candidates = {}
-    costs = [ARCH_PASSES.get(r["member"]["arch"], 1) for r in results]  # a member's forward passes an image
     for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
-        budget = cfg.max_passes / (2 if tta_flip else 1)
-        cap = min(cfg.max_members or len(results), int(budget // min(costs)) or len(results))
+        passes = cfg.max_passes // (2 if tta_flip else 1)  # one pass a member, two with the mirror
+        cap = min(cfg.max_members or len(results), passes or len(results))
         if cap < min(MIN_ENSEMBLE, len(results)):
             continue  # the budget leaves too few members for an ensemble with this option
-        keep, weights = prune_members(member_probs, targets, cfg.min_member_weight, cap, costs, budget)
+        keep, weights = prune_members(member_probs, targets, cfg.min_member_weight, cap)
         probs = np.tensordot(weights, member_probs[keep], axes=1)  # (N, 5)
         candidates[tta_flip] = {"weights": weights, "keep": keep, "probs": probs,
                                 "log_loss": log_loss(probs, targets), **classification_metrics(probs, targets)}
@@ -374,12 +364,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
 
 @functools.lru_cache(maxsize=None)  # hashes a 22 MB file: once per run, not once per member
 def starting_weights(arch: str) -> dict:
-    """Where a member's weights start: dlib's file (name, sha256, license) for "face", FaceNet's graph for
-    "facenet", else random init."""
-    if arch == "facenet":
-        from training import facenet_weights
-
-        return facenet_weights.provenance(facenet_weights.find_graph_file())
+    """Where a member's weights start: dlib's file (name, sha256, license) for "face", else random init."""
     if arch != "face":
         return {"name": "random initialisation"}
     from training.dlib_weights import find_weights_file, provenance
