@@ -31,10 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 
-def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict:
-    """Train (or reuse) one recipe on one fold; its fitted ensemble's validation answers, face by face."""
+def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
+    """Train (or reuse) one recipe on one fold; its fitted ensemble's validation answers, face by face (None for
+    a run not finished yet with --report-only)."""
     out = REPO / "runs" / args.name / recipe / f"fold{fold}"
     if not (out / "summary.json").is_file():
+        if args.report_only:
+            return None
         command = [str(Path(sys.executable).with_name("agegroup-train")), "age", "--preset", args.preset,
                    "--data-dir", str(args.data_dir), "--out-dir", str(out), "--members", *args.members,
                    "--folds", str(args.folds), "--fold", str(fold), "--no-face-template", *extra]
@@ -78,9 +81,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="a recipe: its name and its extra agegroup-train arguments (the first is the baseline)")
     parser.add_argument("--name", default="cv", help="runs/<name>/ holds the runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "cv.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the recipes whose folds are all finished (a sweep still running)")
     args = parser.parse_args(argv)
     recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
     results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
+    results = {name: folds for name, folds in results.items() if None not in folds}
+    if not results:
+        raise SystemExit("bench/cv.py: no recipe has all its folds finished yet")
     base_name = next(iter(results))
     base = results[base_name]
     report = {"members": args.members, "folds": args.folds, "preset": args.preset, "recipes": {}}

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import images_per_s, measured_load, start_server, stop_server  # noqa: E402
+from bench.serving import images_per_s, measured_load, null_model, start_server, stop_server  # noqa: E402
 from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
 from training.quantize import compare_on_faces, split_faces  # noqa: E402
 
@@ -55,8 +55,17 @@ def in_process(paths: dict[str, Path], faces) -> dict:
 
 
 def served(paths: dict[str, Path], clients: int, requests: int) -> dict:
-    """/predict at `clients` concurrent clients (aligned crops) with the service's defaults, per graph."""
+    """/predict at `clients` concurrent clients (aligned crops) with the service's defaults, per graph; and a
+    lone client of a null graph (the contract, no compute): the serving stack's own latency and CPU."""
     rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = start_server({"AGEGROUP_MODEL_DIR": str(null_model(paths["int8"], Path(tmp)).parent)},
+                                 RESULTS / "serve-quantization-null.log")
+        try:
+            measured_load(proc, url, 4, 40)  # warm-up
+            rows["null"] = {"alone": measured_load(proc, url, 1, 200)}
+        finally:
+            stop_server(proc)
     for name, path in paths.items():
         with tempfile.TemporaryDirectory() as tmp:  # the service reads age_ensemble.onnx + .json of a folder
             for suffix in (".onnx", ".json"):
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                                                            - 1000 / speeds[name]["threads=2 batch=1"])
             row["served / in-process (threads=2 batch=32)"] = (service[name]["rps"]
                                                                / speeds[name]["threads=2 batch=32"])
+            row["1 client p50 - null graph's - in-process batch 1 ms"] = (
+                row["1 client p50 - in-process batch 1 ms"] - service["null"]["alone"]["p50_ms"])
         rows.append(row)
     ratios = {key: speeds["int8"][key] / speeds["float"][key] for key in speeds["float"]}
     if service:
@@ -112,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}"
                                 if isinstance(v, float) else str(v) for v in row.values()) + " |")
     print("int8 / float: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+    if service:
+        floor = service["null"]["alone"]
+        print(f"serving stack alone (null graph, 1 client): p50 {floor['p50_ms']:.1f} ms, server "
+              f"{floor['server_core_ms_per_request']:.1f} core-ms and client {floor['client_core_ms_per_request']:.1f} "
+              "core-ms a request")
     print(f"label agreement {quality['label_agreement']:.1%} of {quality['faces']} validation faces; max |dprob| "
           f"{quality['max_abs_diff_prob']:.3f}; max |dage| {quality['max_abs_diff_age_years']:.2f} years")
     args.out.parent.mkdir(parents=True, exist_ok=True)
