@@ -51,12 +51,12 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
     weights = {m["name"]: m["weight"] for m in summary["members"]}
     probs = sum(w * summary["member_val"][name]["probs"] for name, w in weights.items())
     ages = sum(w * summary["member_val"][name]["ages"] for name, w in weights.items())
-    targets = summary["val_targets"]
-    return {"fold": fold, "index": np.asarray(summary["val_index"]), "correct": probs.argmax(1) == targets,
-            "accuracy": float((probs.argmax(1) == targets).mean()),
-            "macro_f1": float(f1_score(targets, probs.argmax(1), average="macro")),
-            "abs_age_error": np.abs(ages - summary["val_true_ages"]),
-            "age_mae_years": float(np.abs(ages - summary["val_true_ages"]).mean()),
+    targets, labels = summary["val_targets"], probs.argmax(1)
+    age_errors = np.abs(ages - summary["val_true_ages"])
+    return {"fold": fold, "index": np.asarray(summary["val_index"]), "correct": labels == targets,
+            "accuracy": float((labels == targets).mean()),
+            "macro_f1": float(f1_score(targets, labels, average="macro")),
+            "abs_age_error": age_errors, "age_mae_years": float(age_errors.mean()),
             "train_seconds": float(summary["train_seconds"]),
             "members": {m["name"]: m["val_accuracy"] for m in summary["members"]}}
 
