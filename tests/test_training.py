@@ -241,10 +241,14 @@ def test_a_cross_validation_fold_validates_its_fold_and_keeps_answers_by_face(fa
     from training.train import same_recipe, to_jsonable, train_age_ensemble
 
     torch.set_num_threads(2)
-    cfg = AgeTrainConfig(**{**AGE_PRESETS["tiny"], "epochs": 1}, preset="tiny", data_dir=face_dir,
+    cfg = AgeTrainConfig(**{**AGE_PRESETS["tiny"], "epochs": 2}, preset="tiny", data_dir=face_dir,
                          out_dir=tmp_path, members=("vgg-age", "res-group"), folds=2, fold=1, face_template=False,
-                         erase=0.5, mean_variance=(0.2, 0.05))
+                         erase=0.5, mean_variance=(0.2, 0.05), keep_last=True)
     train_age_ensemble(cfg)
+    # the last epoch is kept, and validated alone
+    history = torch.load(tmp_path / "member-vgg-age.pt", weights_only=False)["history"]
+    assert [row["epoch"] for row in history] == [1, 2] and "val_accuracy" not in history[0]
+    assert torch.load(tmp_path / "member-vgg-age.pt", weights_only=False)["metrics"]["epoch"] == 2
     saved = torch.load(tmp_path / "ensemble.pt", weights_only=False)
     labels = pd.read_csv(face_dir / "data.csv")["Label"].to_numpy()
     assert saved["val_index"] == validation_split(labels, 0.12, 0, folds=2, fold=1)[1].tolist()

@@ -117,6 +117,7 @@ class AgeTrainConfig:
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs
     folds: int = 0  # > 1: K-fold cross-validation, validating on fold `fold` of this many (val_fraction unused)
     fold: int = 0  # which of the `folds` stratified folds is validation (0-based)
+    keep_last: bool = False  # keep each member's last epoch, validated once after it (no epoch chosen on validation)
     face_template: bool = True  # fit the face template after training (the export needs it; CV runs skip it)
     train_fraction: float = 1.0  # stratified share of the training split trained on (validation faces unchanged)
     seed_offset: int = 0  # added to every member's seed and to the training subsample's: the same recipe reseeded

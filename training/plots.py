@@ -12,12 +12,14 @@ from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Train and validation loss and accuracy against epoch."""
-    epochs = [row["epoch"] for row in history]
+    """Train and validation loss and accuracy against epoch (validation where it was measured: a run that keeps
+    its last epoch validates only that one)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val"):
-        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], label=split)
-        ax_acc.plot(epochs, [row[f"{split}_accuracy"] for row in history], label=split)
+        rows = [row for row in history if f"{split}_loss" in row]
+        marker = "o" if len(rows) == 1 else None
+        ax_loss.plot([r["epoch"] for r in rows], [r[f"{split}_loss"] for r in rows], marker=marker, label=split)
+        ax_acc.plot([r["epoch"] for r in rows], [r[f"{split}_accuracy"] for r in rows], marker=marker, label=split)
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
     ax_loss.legend()

@@ -130,8 +130,11 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", ema: float = 0.0, mixup: float = 0.0) -> dict:
-    """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights.
+        amp: bool = False, name: str = "model", ema: float = 0.0, mixup: float = 0.0,
+        keep_last: bool = False) -> dict:
+    """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
+    (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
+    on all of data.csv, which has no validation to choose by).
 
     With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
     `ema` per step, is what gets validated and saved. Saves `checkpoint` (state_dict, `extra`, metrics,
@@ -155,6 +158,12 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     for epoch in range(1, epochs + 1):
         train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
                                 averaged, mixup)
+        if keep_last and epoch < epochs:
+            history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                            "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
+            print(f"{name} epoch {epoch:3d}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
+                  f"[{history[-1]['seconds']:.0f}s]", flush=True)
+            continue
         val = evaluate(scored, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -300,7 +309,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, ema=cfg.ema, mixup=cfg.mixup)
+                name=member.name, ema=cfg.ema, mixup=cfg.mixup, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         val = evaluate(model, val_batches, loss_fn)
         mirrored = evaluate(model, mirrored_batches, loss_fn)
