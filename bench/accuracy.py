@@ -72,16 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.data_dir / "data.csv").is_file():
         raise SystemExit(f"bench/accuracy.py: {args.data_dir}/data.csv not found; pass --data-dir")
     from sklearn.metrics import confusion_matrix
-    from sklearn.model_selection import train_test_split
+
+    from training.data import DataError, held_out_faces
 
     model = OnnxModel(args.model, device="cpu")
     meta = model.metadata
     table = read_face_table(args.data_dir / "data.csv", labels=len(model.class_names))
     labels_all = table["Label"].to_numpy()
     split = meta["validation"]
-    _, val = train_test_split(np.arange(len(table)), test_size=split["fraction"], random_state=split["seed"],
-                              stratify=labels_all)
-    val = np.sort(val)
+    try:
+        val = held_out_faces(split, labels_all)
+    except DataError as exc:
+        raise SystemExit(f"bench/accuracy.py: {exc}") from None
     labels, gender, race = labels_all[val], table["Gender"].to_numpy()[val], table["Race"].to_numpy()[val]
     true_age = table["Age"].to_numpy()[val]
     images = np.stack([model.prepare(p) for p in table["path"].to_numpy()[val]])  # (N, H, W, 3) uint8

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads(args.int8.with_suffix(".json").read_text())
     split = meta["validation"]
     _, faces = split_faces(args.data_dir, meta["input_size"][0], split["fraction"], split["seed"], 0, 0,
-                           meta["data_sha256"])
+                           meta["data_sha256"], split.get("folds", 0), split.get("fold", 0))
+    seen = "" if split["size"] else " (seen in training: the model trained on all of data.csv)"
     quality = compare_on_faces(paths["float"], paths["int8"], faces)
     speeds = in_process(paths, faces)
     service = {} if args.skip_service else served(paths, args.clients, args.requests)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"serving stack alone (null graph, 1 client): p50 {floor['p50_ms']:.1f} ms, server "
               f"{floor['server_core_ms_per_request']:.1f} core-ms and client {floor['client_core_ms_per_request']:.1f} "
               "core-ms a request")
-    print(f"label agreement {quality['label_agreement']:.1%} of {quality['faces']} validation faces; max |dprob| "
+    print(f"label agreement {quality['label_agreement']:.1%} of {quality['faces']} comparison faces{seen}; max |dprob| "
           f"{quality['max_abs_diff_prob']:.3f}; max |dage| {quality['max_abs_diff_age_years']:.2f} years")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_average_at_start": load, "cpu": cpu_name(), "cores": os.cpu_count(),

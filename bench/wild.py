@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     print(f"load average at start: {load:.2f} (a timing is only a timing on an idle machine)")
-    from sklearn.model_selection import train_test_split
+    from training.data import DataError, held_out_faces
 
     model = OnnxModel(args.model, device="cpu", threads=1)
     template = model.metadata.get("face_template")
@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench/wild.py: {args.model} has no face template; export a model that has one")
     finder = FaceFinder(template, copies=1)
     table = read_face_table(args.data_dir / "data.csv", labels=len(model.class_names))
-    split = model.metadata["validation"]
-    _, val = train_test_split(np.arange(len(table)), test_size=split["fraction"], random_state=split["seed"],
-                              stratify=table["Label"].to_numpy())
+    try:
+        val = held_out_faces(model.metadata["validation"], table["Label"].to_numpy())
+    except DataError as exc:
+        raise SystemExit(f"bench/wild.py: {exc}") from None
     rng = np.random.default_rng(args.seed)
     val = np.sort(rng.permutation(val)[:args.faces] if args.faces else val)
     labels = table["Label"].to_numpy()[val]

@@ -65,6 +65,20 @@ def test_folds_are_stratified_disjoint_and_cover_every_face_once():
     assert np.array_equal(validation_split(labels, 0.12, 0)[1], stratified_split(labels, 0.12, 0)[1])  # no folds
     with pytest.raises(ValueError, match="fold must be 0-2"):
         validation_split(labels, 0.12, 0, folds=3, fold=3)
+    train, val = validation_split(labels, 0.0, 0)  # no hold-out: a run on all of data.csv
+    assert train.tolist() == list(range(150)) and len(val) == 0
+
+
+def test_a_models_held_out_faces_follow_its_json_and_a_model_on_all_faces_has_none():
+    from training.data import DataError, held_out_faces
+
+    labels = np.repeat(np.arange(5), 30)
+    split = {"fraction": 0.12, "seed": 0, "size": 20, "folds": 3, "fold": 2}
+    assert np.array_equal(held_out_faces(split, labels), validation_split(labels, 0.12, 0, 3, 2)[1])
+    assert np.array_equal(held_out_faces({"fraction": 0.2, "seed": 1, "size": 30}, labels),
+                          stratified_split(labels, 0.2, 1)[1])
+    with pytest.raises(DataError, match="all of data.csv"):
+        held_out_faces({"fraction": 0.0, "seed": 0, "size": 0, "out_of_fold": {}}, labels)
 
 
 def test_random_erasing_fills_one_rectangle_of_the_chosen_images():
@@ -262,3 +276,64 @@ def test_a_cross_validation_fold_validates_its_fold_and_keeps_answers_by_face(fa
     old = {k: v for k, v in to_jsonable(AgeTrainConfig()).items() if k not in ("erase", "folds")}
     assert same_recipe(old, to_jsonable(AgeTrainConfig()))
     assert not same_recipe(old, to_jsonable(AgeTrainConfig(erase=0.5)))
+
+
+def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fold_answers(face_dir, tmp_path):
+    import json
+    import shutil
+
+    from training.config import AGE_PRESETS, AgeTrainConfig
+    from training.data import DataError
+    from training.export import export_age_ensemble
+    from training.quantize import QuantSettings
+    from training.train import train_age_ensemble
+
+    torch.set_num_threads(2)
+    recipe = dict(**{**AGE_PRESETS["tiny"], "epochs": 1}, preset="tiny", data_dir=face_dir,
+                  members=("vgg-age", "res-group"))
+    for fold in (0, 1):  # the sweep bench/cv.py runs: each fold keeps its last epoch
+        train_age_ensemble(AgeTrainConfig(**recipe, out_dir=tmp_path / "sweep" / f"fold{fold}", folds=2, fold=fold,
+                                          keep_last=True, face_template=False))
+    everything = AgeTrainConfig(**recipe, out_dir=tmp_path / "all", val_fraction=0,
+                                oof_from=(str(tmp_path / "sweep"),))
+    summary = train_age_ensemble(everything)
+    faces = len(pd.read_csv(face_dir / "data.csv"))
+    saved = torch.load(tmp_path / "all" / "ensemble.pt", weights_only=False)
+    assert saved["val_index"] == [] and len(saved["val_targets"]) == faces
+    assert [r["fold"] for r in summary["out_of_fold"]] == [0, 1]
+    # the fitted figures are the out-of-fold answers of the fold runs, weighted as fitted
+    answers = {}
+    for fold in (0, 1):
+        run = torch.load(tmp_path / "sweep" / f"fold{fold}" / "ensemble.pt", weights_only=False)
+        for name, a in run["member_val"].items():
+            answers.setdefault(name, np.zeros((faces, 5)))[run["val_index"]] = a["probs"]
+    mixed = sum(m["weight"] * answers[m["name"]] for m in summary["members"])
+    assert summary["ensemble"]["accuracy"] == pytest.approx((mixed.argmax(1) == saved["val_targets"]).mean())
+    for m in summary["members"]:  # every member trained on every face, its last epoch kept, never validated
+        history = torch.load(tmp_path / "all" / m["checkpoint"], weights_only=False)["history"]
+        assert len(history) == 1 and "val_loss" not in history[0]
+    meta = export_age_ensemble(tmp_path / "all", tmp_path / "exported", int8=QuantSettings(images=16))
+    assert meta["validation"]["out_of_fold"] == {"faces": faces, "folds": 2,
+                                                 "runs": [str(tmp_path / "sweep" / f"fold{k}") for k in (0, 1)]}
+    assert meta["ensemble_val_accuracy"] == meta["float_ensemble_val_accuracy"] == summary["ensemble"]["accuracy"]
+    assert meta["quantization"]["vs_float_on_training_faces"]["label_agreement"] >= 0.95
+
+    # sweeps that cannot stand in for the run are refused before anything trains
+    def refused(match: str, **changes) -> None:
+        with pytest.raises(DataError, match=match):
+            train_age_ensemble(AgeTrainConfig(**{**recipe, "out_dir": tmp_path / "refused", "val_fraction": 0,
+                                                 "oof_from": (str(tmp_path / "sweep"),), **changes}))
+
+    refused("oof-from", oof_from=())
+    refused("another recipe", lr=0.5)
+    refused("no fold", oof_from=(str(tmp_path),))
+    shutil.copytree(tmp_path / "sweep" / "fold0", tmp_path / "half" / "fold0")
+    refused("exactly once", oof_from=(str(tmp_path / "half"),))
+    chosen = torch.load(tmp_path / "half" / "fold0" / "ensemble.pt", weights_only=False)
+    chosen["config"]["keep_last"] = False
+    torch.save(chosen, tmp_path / "half" / "fold0" / "ensemble.pt")
+    refused("keep-last", oof_from=(str(tmp_path / "half"),))
+    with pytest.raises(DataError, match="all of data.csv"):  # and a run that validates takes none
+        train_age_ensemble(AgeTrainConfig(**recipe, out_dir=tmp_path / "refused", oof_from=("x",)))
+    assert not (tmp_path / "refused").exists()
+    assert json.loads((tmp_path / "exported" / "age_ensemble.json").read_text())["precision"] == "int8"

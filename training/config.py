@@ -113,7 +113,10 @@ class AgeTrainConfig:
     mean_variance: tuple[float, ...] = (0.0, 0.0)  # "age" members: weights of the mean-variance loss (Pan et al.
     # 2018), half the squared error of the predicted mean age and the predicted variance, in years squared
     erase: float = 0.0  # share of training images given a random-erasing rectangle of noise (0 = none)
-    val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting
+    val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting (0 = none:
+    # train on all of data.csv, with the ensemble weights fitted on --oof-from's out-of-fold answers)
+    oof_from: tuple[str, ...] = ()  # with --val-fraction 0: cross-validation sweeps (folders of fold0..foldK-1 runs
+    # of bench/cv.py, the same recipe with --keep-last) whose out-of-fold answers choose the members and weights
     split_seed: int = 0  # seed of the validation split; keep it fixed to compare runs
     folds: int = 0  # > 1: K-fold cross-validation, validating on fold `fold` of this many (val_fraction unused)
     fold: int = 0  # which of the `folds` stratified folds is validation (0-based)

@@ -46,7 +46,10 @@ def validation_split(labels: np.ndarray, val_fraction: float, seed: int, folds: 
                      fold: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A run's (train, validation) indices: the stratified hold-out of `val_fraction`, or with `folds` > 1 the
     `fold`-th of that many stratified folds as validation (K-fold cross-validation: every face is validated
-    once over the folds), both fixed by `seed`."""
+    once over the folds), both fixed by `seed`. A `val_fraction` of 0 (and no folds) trains on every face and
+    validates none: a run on all of data.csv."""
+    if folds <= 1 and val_fraction == 0:
+        return np.arange(len(labels)), np.arange(0)
     if folds <= 1:
         return stratified_split(labels, val_fraction, seed)
     if not 0 <= fold < folds:
@@ -54,6 +57,16 @@ def validation_split(labels: np.ndarray, val_fraction: float, seed: int, folds: 
     splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
     train, val = list(splits)[fold]
     return np.sort(train), np.sort(val)
+
+
+def held_out_faces(validation: dict, labels: np.ndarray) -> np.ndarray:
+    """The validation faces of an exported model (its JSON's `validation` section), as rows of data.csv; a
+    DataError for a model trained on every face, which has none."""
+    if not validation.get("size"):
+        raise DataError("the model was trained on all of data.csv, so no face of it is held out (its JSON's "
+                        "validation figures are out of fold); score a model with a validation split")
+    return validation_split(labels, validation["fraction"], validation["seed"], validation.get("folds", 0),
+                            validation.get("fold", 0))[1]
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

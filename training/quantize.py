@@ -287,14 +287,20 @@ class Faces:
                  "race": self.race[i:i + batch]} for i in range(0, len(self.images), batch)]
 
 
+COMPARISON_FRACTION = 0.12  # a run on all faces: the share of them the int8 graph is compared with the float one on
+
+
 def split_faces(data_dir: Path, size: int, val_fraction: float, split_seed: int, calibration: int, seed: int,
                 data_sha256: str | None = None, folds: int = 0, fold: int = 0) -> tuple[Faces | None, Faces]:
     """The run's own split of data.csv: `calibration` faces drawn from its training split, and its whole
     validation split (to compare the graphs on; never used to calibrate; calibration 0: None and the validation
-    faces alone; `folds`/`fold`: a cross-validation run's split). Checks that data.csv is the run's."""
+    faces alone; `folds`/`fold`: a cross-validation run's split). A run on all of data.csv (`val_fraction` 0)
+    validated no face: the graphs are compared on the faces of the default hold-out instead (seen in training,
+    so their accuracy there is not a validation figure), and calibrated on the others. Checks that data.csv is
+    the run's."""
     from serving.table import read_face_table
     from training.config import AGE_GROUPS, AGES
-    from training.data import load_images, validation_split
+    from training.data import load_images, stratified_split, validation_split
 
     csv = Path(data_dir) / "data.csv"
     table = read_face_table(csv, labels=len(AGE_GROUPS), ages=(AGES[0], AGES[-1]))
@@ -302,6 +308,8 @@ def split_faces(data_dir: Path, size: int, val_fraction: float, split_seed: int,
         raise ValueError(f"{csv} is not the data.csv the model was trained on (sha256 differs): its split would "
                          "not be the model's, and calibration could see validation faces")
     train_idx, val_idx = validation_split(table["Label"].to_numpy(), val_fraction, split_seed, folds, fold)
+    if not len(val_idx):
+        train_idx, val_idx = stratified_split(table["Label"].to_numpy(), COMPARISON_FRACTION, split_seed)
     rng = np.random.default_rng(seed)
     calib_idx = np.sort(rng.choice(train_idx, min(calibration, len(train_idx)), replace=False))
 

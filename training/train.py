@@ -134,7 +134,8 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
         keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
-    on all of data.csv, which has no validation to choose by).
+    on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
+    validated).
 
     With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
     `ema` per step, is what gets validated and saved. Saves `checkpoint` (state_dict, `extra`, metrics,
@@ -158,11 +159,15 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     for epoch in range(1, epochs + 1):
         train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
                                 averaged, mixup)
-        if keep_last and epoch < epochs:
+        if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
             print(f"{name} epoch {epoch:3d}/{epochs}  train loss {train['loss']:.4f} acc {train['accuracy']:.4f}  "
                   f"[{history[-1]['seconds']:.0f}s]", flush=True)
+            if epoch == epochs:  # without validation: the last epoch is what is kept
+                best = history[-1]
+                torch.save({"state_dict": scored.state_dict(), **extra, "metrics": best, "history": history},
+                           checkpoint)
             continue
         val = evaluate(scored, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
@@ -255,15 +260,26 @@ def file_sha256(path: Path) -> str:
 
 
 def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
-    """Train every member, fit the ensemble weights on validation, save checkpoints, plots and a summary."""
+    """Train every member, fit the ensemble weights on validation, save checkpoints, plots and a summary.
+
+    With `val_fraction` 0 every face of data.csv is trained on and none validated: the members keep their last
+    epoch, and the member choice, the weights and every validation figure of the summary come from the
+    out-of-fold answers of the cross-validation runs under `oof_from` (out_of_fold_answers)."""
     from training.plots import plot_confusion, plot_curves
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, out = pick_device(cfg.device), Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = read_face_table(Path(cfg.data_dir) / "data.csv", labels=len(AGE_GROUPS), limit=cfg.limit,
                             ages=(AGES[0], AGES[-1]))
+    members = [member_by_name(n) for n in cfg.members] if cfg.members else list(COURSE_MEMBERS)
+    all_data = cfg.val_fraction == 0 and cfg.folds <= 1
+    data_sha256 = file_sha256(Path(cfg.data_dir) / "data.csv")
+    if all_data:  # read before training, so that a sweep that does not fit fails now, not after the members
+        out_of_fold, oof_sources = out_of_fold_answers(cfg, [m.name for m in members], len(table), data_sha256)
+    elif cfg.oof_from:
+        raise DataError("--oof-from is for a run on all of data.csv (--val-fraction 0); this run validates its own")
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     images = load_images(table["path"].tolist(), cfg.input_size)  # (N, H, W, 3) uint8
     print(f"decoded {len(images)} images at {cfg.input_size}px in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -280,11 +296,12 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     tensors = tuple(t.to(device) for t in tensors)  # the whole data set fits on the device
     train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
     val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
-    val_batches = Batches(val_set, 256, device=device)
+    val_batches = None if all_data else Batches(val_set, 256, device=device)
     mirrored_batches = Batches(val_set, 256, augment=lambda x: x.flip(3), device=device)  # for flip averaging
-    members = [member_by_name(n) for n in cfg.members] if cfg.members else list(COURSE_MEMBERS)
     common = {"config": to_jsonable(cfg), "input_size": cfg.input_size, "mean": mean, "std": std,
-              "data_sha256": file_sha256(Path(cfg.data_dir) / "data.csv"), "val_index": val_idx.tolist()}
+              "data_sha256": data_sha256, "val_index": val_idx.tolist()}
+    if all_data:
+        common["out_of_fold"] = oof_sources
     results = []
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
@@ -311,9 +328,16 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
                 name=member.name, ema=cfg.ema, mixup=cfg.mixup, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
-        val = evaluate(model, val_batches, loss_fn)
-        mirrored = evaluate(model, mirrored_batches, loss_fn)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
+        if all_data:  # its answers on faces it never saw: its fold runs'
+            answers = out_of_fold[member.name]
+            val = {**classification_metrics(answers["probs"], labels), "probs": answers["probs"],
+                   "targets": labels, "ages": answers["ages"], "age_mae_years": None if answers["ages"] is None
+                   else float(np.abs(answers["ages"] - table["Age"].to_numpy()).mean())}
+            mirrored = {"probs": None}
+        else:
+            val = evaluate(model, val_batches, loss_fn)
+            mirrored = evaluate(model, mirrored_batches, loss_fn)
         plot_confusion(val["targets"], val["probs"].argmax(1), AGE_GROUPS, out / f"confusion-{member.name}.png",
                        f"{member.name}: val accuracy {val['accuracy']:.3f}")
         results.append({"name": member.name, "member": asdict(member), "checkpoint": checkpoint.name,
@@ -322,13 +346,19 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                         "val_age_mae_years": val.get("age_mae_years"), "val_ages": val.get("ages"),
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
                         "mirrored_probs": mirrored["probs"]})
-    targets = class_of(val_set[-1]).cpu().numpy()
+    # the faces the weights are fitted on and the figures measured on: validation, or out of fold on all faces
+    targets, true_ages = (labels.copy(), table["Age"].to_numpy().copy()) if all_data else (
+        class_of(val_set[-1]).cpu().numpy(), val_set[-1][:, 1].cpu().numpy())
     plain = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
     # every trained member's validation answers, kept or not (ensemble.pt only): bench/cv.py pairs them by face
     member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages")} for r, p in zip(results, plain)}
-    flip_averaged = 0.5 * (plain + np.stack([r.pop("mirrored_probs") for r in results]))
+    mirrored = [r.pop("mirrored_probs") for r in results]
+    # the fold runs keep no mirrored answers: a run on all faces is fitted without the flip
+    flip_averaged = None if all_data else 0.5 * (plain + np.stack(mirrored))
     candidates = {}
     for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
+        if member_probs is None:
+            continue
         passes = cfg.max_passes // (2 if tta_flip else 1)  # one pass a member, two with the mirror
         cap = min(cfg.max_members or len(results), passes or len(results))
         if cap < min(MIN_ENSEMBLE, len(results)):
@@ -340,7 +370,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     # the mirror only where it classifies better (and the budget allows it)
     tta_flip = True in candidates and candidates[True]["accuracy"] > candidates[False]["accuracy"]
     weights, fitted_probs, keep = (candidates[tta_flip][k] for k in ("weights", "probs", "keep"))
-    plain, flip_averaged = plain[keep], flip_averaged[keep]
+    plain = plain[keep]
     fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "mae", "log_loss")}
                                        if f in candidates else None for f in (tta_flip, False, True))
     dropped = [{"name": r["name"], "val_accuracy": r["val_accuracy"]} for i, r in enumerate(results) if i not in keep]
@@ -356,17 +386,20 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
     if not tta_flip and all(v["ages"] is not None for v in member_val.values()):
         ensemble_ages = sum(w * member_val[r["name"]]["ages"] for r, w in zip(results, weights))
-        fitted["age_mae_years"] = float(np.abs(ensemble_ages - val_set[-1][:, 1].cpu().numpy()).mean())
+        fitted["age_mae_years"] = float(np.abs(ensemble_ages - true_ages).mean())
     summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
                "tta_flip": bool(tta_flip),
                "fitted_without_flip": without_flip, "fitted_with_flip": with_flip,
                "train_seconds": train_seconds, "preset": cfg.preset,
                "epochs": cfg.epochs}
-    torch.save({**summary, "member_val": member_val, "val_targets": targets,
-                "val_true_ages": val_set[-1][:, 1].cpu().numpy()}, out / "ensemble.pt")
+    torch.save({**summary, "member_val": member_val, "val_targets": targets, "val_true_ages": true_ages},
+               out / "ensemble.pt")
     if cfg.face_template:
         write_face_template(table["path"].iloc[train_idx].tolist(), out)
     (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "val_index"}, indent=2))
+    if all_data:
+        print(f"trained on all {len(labels)} faces; the figures below are out of fold, from "
+              f"{len(oof_sources)} cross-validation runs in {', '.join(cfg.oof_from)}", flush=True)
     print_summary(results, uniform, without_flip, with_flip, tta_flip)
     return summary
 
@@ -394,14 +427,59 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
     return template
 
 
-def same_recipe(a: dict, b: dict) -> bool:
-    """Two configs train identical members (which members, threads, device and folders aside); a setting one
-    of them predates counts at its default."""
+def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
+    """Two configs train identical members (which members, threads, device and folders aside, and the settings
+    in `also_ignored`); a setting one of them predates counts at its default."""
     ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes",
-               "max_members", "face_template"}
+               "max_members", "face_template", *also_ignored}
     defaults = to_jsonable(AgeTrainConfig())
     a, b = {**defaults, **a}, {**defaults, **b}
     return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
+
+
+SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last", "oof_from")  # where a run validates, not how it trains
+
+
+def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_sha256: str) -> tuple[dict, list]:
+    """Each member's answers on every face of data.csv from the cross-validation runs that never trained on it:
+    the fold runs (fold*/ensemble.pt) in the folders of `cfg.oof_from`, trained on the same data.csv by the same
+    recipe as `cfg` (its split settings aside), each keeping its last epoch as a run on all faces does.
+    Returns ({name: {"probs": (N, 5), "ages": (N,) or None}} in data.csv's row order, the runs read)."""
+    if not cfg.oof_from:
+        raise DataError("a run on all of data.csv (--val-fraction 0) has no validation faces: give --oof-from the "
+                        "cross-validation sweeps of its recipe (bench/cv.py ... --recipe NAME=--keep-last) whose "
+                        "out-of-fold answers choose its members and weights")
+    found, sources = {}, []
+    for sweep in map(Path, cfg.oof_from):
+        runs = sorted(sweep.glob("fold*/ensemble.pt"))
+        if not runs:
+            raise DataError(f"{sweep}: no fold*/ensemble.pt in it (a bench/cv.py recipe folder, runs/<name>/<recipe>)")
+        for path in runs:
+            run = torch.load(path, weights_only=False)
+            config = run["config"]
+            problem = ("was trained on another data.csv" if run["data_sha256"] != data_sha256
+                       else "is not a cross-validation run" if config.get("folds", 0) <= 1
+                       else "chose its epoch on validation (train it with --keep-last)" if not config.get("keep_last")
+                       else "trained another recipe" if not same_recipe(config, to_jsonable(cfg), SPLIT_SETTINGS)
+                       else None)
+            if problem:
+                raise DataError(f"{path.parent} {problem}: its answers cannot stand in for this run's")
+            for name in set(names) & set(run["member_val"]):
+                found.setdefault(name, []).append((np.asarray(run["val_index"]), run["member_val"][name]))
+            sources.append({"run": str(path.parent), "folds": config["folds"], "fold": config["fold"],
+                            "members": sorted(run["member_val"])})
+    answers = {}
+    for name in names:
+        parts = found.get(name, [])
+        index = np.concatenate([i for i, _ in parts]) if parts else np.arange(0)
+        if not np.array_equal(np.sort(index), np.arange(faces)):
+            raise DataError(f"{name}: its fold runs in {', '.join(cfg.oof_from)} do not validate every face of "
+                            f"data.csv exactly once ({len(parts)} runs, {len(index)} answers for {faces} faces)")
+        order = np.argsort(index)
+        ages = [a["ages"] for _, a in parts]
+        answers[name] = {"probs": np.concatenate([a["probs"] for _, a in parts])[order],
+                         "ages": None if any(a is None for a in ages) else np.concatenate(ages)[order]}
+    return answers, sources
 
 
 def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict | None,
