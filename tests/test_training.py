@@ -221,6 +221,21 @@ def test_pruning_leaves_out_members_under_the_floor_and_past_the_budget():
     assert len(keep) == 2 and 0 in keep  # the budget wins over the minimum of three
 
 
+def test_equal_weights_replace_fitted_ones_only_where_they_make_fewer_errors():
+    import numpy as np
+
+    from training.train import uniform_if_better
+
+    targets = np.array([0, 1, 2])
+    sure = np.eye(5)[[0, 1, 3]] * 0.9 + 0.02  # right on the first two faces
+    torn = np.eye(5)[[1, 2, 2]] * 0.5 + 0.1  # right on the third only
+    members = np.stack([sure, torn])
+    weights, equal = uniform_if_better(members, targets, np.array([0.8, 0.2]))  # 2 of 3 right
+    assert not equal and weights.tolist() == [0.8, 0.2]  # equal weights: the same 2 of 3, not better
+    weights, equal = uniform_if_better(members, targets, np.array([0.1, 0.9]))  # 1 of 3 right
+    assert equal and weights.tolist() == [0.5, 0.5]
+
+
 def test_a_member_with_its_own_size_and_epochs_trains_and_exports(face_dir, tmp_path, monkeypatch):
     """A run at 32 px with a member that sees 24 px and trains 3 epochs (as a from-scratch member beside
     fine-tuned ones does): its checkpoint holds 3 epochs, the others the run's 2, and the graph passes parity."""
@@ -281,6 +296,7 @@ def test_a_cross_validation_fold_validates_its_fold_and_keeps_answers_by_face(fa
 def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fold_answers(face_dir, tmp_path):
     import json
     import shutil
+    from dataclasses import replace
 
     from training.config import AGE_PRESETS, AgeTrainConfig
     from training.data import DataError
@@ -317,6 +333,11 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
                                                  "runs": [str(tmp_path / "sweep" / f"fold{k}") for k in (0, 1)]}
     assert meta["ensemble_val_accuracy"] == meta["float_ensemble_val_accuracy"] == summary["ensemble"]["accuracy"]
     assert meta["quantization"]["vs_float_on_training_faces"]["label_agreement"] >= 0.95
+    # the same recipe with its figures from elsewhere (a sweep with one member more, say): nothing retrains
+    shutil.copytree(tmp_path / "sweep", tmp_path / "sweep-copy")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("member-*.pt")}
+    train_age_ensemble(replace(everything, oof_from=(str(tmp_path / "sweep-copy"),)))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("member-*.pt")} == stamps
 
     # sweeps that cannot stand in for the run are refused before anything trains
     def refused(match: str, **changes) -> None:

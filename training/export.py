@@ -256,6 +256,8 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path, half: bool = F
             "ensemble_val_accuracy": summary["ensemble"]["accuracy"],
             "ensemble_val_macro_f1": summary["ensemble"]["macro_f1"],
             "uniform_weights_val_accuracy": summary["uniform"]["accuracy"],
+            # equal weights where they classified the validation (or out-of-fold) faces better than fitted ones
+            "ensemble_weights": summary.get("weights", "fitted"),
             "test_time_augmentation": "mean over the image and its horizontal mirror" if ensemble.tta_flip
             else "none",
             "fitted_without_flip_val_accuracy": summary.get("fitted_without_flip", summary["ensemble"])["accuracy"],

@@ -226,6 +226,14 @@ def prune_members(member_probs: np.ndarray, targets: np.ndarray, min_weight: flo
         weights = fit_ensemble_weights(member_probs[keep], targets)
 
 
+def uniform_if_better(member_probs: np.ndarray, targets: np.ndarray, weights: np.ndarray):
+    """Equal weights for the (M, N, C) members where they classify `targets` strictly better than the fitted
+    `weights` do (which minimise log loss, not errors). Returns (weights, whether they are the equal ones)."""
+    equal = np.full(len(weights), 1.0 / len(weights))
+    errors = [(np.tensordot(w, member_probs, axes=1).argmax(1) != targets).sum() for w in (weights, equal)]
+    return (equal, True) if errors[1] < errors[0] else (weights, False)
+
+
 def make_loss(label_smoothing: float, focal_gamma: float = 0.0):
     """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0, on the class of the targets."""
     if focal_gamma > 0:
@@ -306,7 +314,9 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
-        reuse = bool(previous and previous.get("complete") and same_recipe(previous["config"], common["config"]))
+        # where the figures of a run on all faces come from does not change how its members train
+        reuse = bool(previous and previous.get("complete")
+                     and same_recipe(previous["config"], common["config"], also_ignored=("oof_from",)))
         # pretrained weights only for a member that trains: a finished checkpoint replaces them anyway
         model = build_member(member, cfg.input_size, mean, std, pretrained=not reuse)
         model = model.to(device, memory_format=torch.channels_last)
@@ -370,9 +380,15 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     # the mirror only where it classifies better (and the budget allows it)
     tta_flip = True in candidates and candidates[True]["accuracy"] > candidates[False]["accuracy"]
     weights, fitted_probs, keep = (candidates[tta_flip][k] for k in ("weights", "probs", "keep"))
-    plain = plain[keep]
     fitted, without_flip, with_flip = ({k: candidates[f][k] for k in ("accuracy", "macro_f1", "mae", "log_loss")}
                                        if f in candidates else None for f in (tta_flip, False, True))
+    # the fit minimises log loss, not errors: equal weights where they classify these faces better
+    chosen_members = (flip_averaged if tta_flip else plain)[keep]
+    weights, uniform_weights = uniform_if_better(chosen_members, targets, weights)
+    if uniform_weights:
+        fitted_probs = chosen_members.mean(0)
+        fitted = {"log_loss": log_loss(fitted_probs, targets), **classification_metrics(fitted_probs, targets)}
+    plain = plain[keep]
     dropped = [{"name": r["name"], "val_accuracy": r["val_accuracy"]} for i, r in enumerate(results) if i not in keep]
     train_seconds = sum(r["train_seconds"] for r in results)  # every member trained, kept or not
     if dropped:
@@ -388,7 +404,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         ensemble_ages = sum(w * member_val[r["name"]]["ages"] for r, w in zip(results, weights))
         fitted["age_mae_years"] = float(np.abs(ensemble_ages - true_ages).mean())
     summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
-               "tta_flip": bool(tta_flip),
+               "tta_flip": bool(tta_flip), "weights": "uniform" if uniform_weights else "fitted",
                "fitted_without_flip": without_flip, "fitted_with_flip": with_flip,
                "train_seconds": train_seconds, "preset": cfg.preset,
                "epochs": cfg.epochs}
@@ -400,7 +416,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     if all_data:
         print(f"trained on all {len(labels)} faces; the figures below are out of fold, from "
               f"{len(oof_sources)} cross-validation runs in {', '.join(cfg.oof_from)}", flush=True)
-    print_summary(results, uniform, without_flip, with_flip, tta_flip)
+    print_summary(results, uniform, without_flip, with_flip, tta_flip, uniform_weights)
     return summary
 
 
@@ -483,7 +499,7 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
 
 
 def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict | None,
-                  tta_flip: bool) -> None:
+                  tta_flip: bool, uniform_weights: bool = False) -> None:
     rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
     rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
              ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
@@ -492,8 +508,9 @@ def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_f
     print(f"\n{'model':<26}{'weight':>8}{'val acc':>9}{'val F1':>8}")
     for name, weight, acc, f1 in rows:
         print(f"{name:<26}{weight:>8}{acc:>9.4f}{f1:>8.4f}")
-    print(f"shipped ensemble: {'fitted + flip' if tta_flip else 'fitted'} "
-          f"(flip test-time averaging {'raises' if tta_flip else 'does not raise'} validation accuracy)",
+    print(f"shipped ensemble: {'uniform' if uniform_weights else 'fitted'} weights{' + flip' if tta_flip else ''} "
+          f"(flip test-time averaging {'raises' if tta_flip else 'does not raise'} validation accuracy; "
+          f"equal weights {'classify' if uniform_weights else 'do not classify'} it better than fitted ones)",
           flush=True)
 
 
