@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients for the served figure")
     parser.add_argument("--requests", type=int, default=640, help="requests for the served figure")
     parser.add_argument("--skip-service", action="store_true", help="in-process figures only")
+    parser.add_argument("--before", type=Path, help="another graph (the one shipped before, say) timed in-process "
+                        "in the same rounds: is the new one slower?")
     parser.add_argument("--out", type=Path, default=RESULTS / "quantization.json")
     args = parser.parse_args(argv)
     load = os.getloadavg()[0]
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                            meta["data_sha256"], split.get("folds", 0), split.get("fold", 0))
     seen = "" if split["size"] else " (seen in training: the model trained on all of data.csv)"
     quality = compare_on_faces(paths["float"], paths["int8"], faces)
-    speeds = in_process(paths, faces)
+    speeds = in_process({**paths, "before": args.before} if args.before else paths, faces)
     service = {} if args.skip_service else served(paths, args.clients, args.requests)
     rows = []
     for name, path in paths.items():
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             row["1 client p50 - null graph's - in-process batch 1 ms"] = (
                 row["1 client p50 - in-process batch 1 ms"] - service["null"]["alone"]["p50_ms"])
         rows.append(row)
+    if args.before:
+        rows.append({"graph": f"before ({args.before})", "MB": args.before.stat().st_size / 1e6, **speeds["before"]})
     ratios = {key: speeds["int8"][key] / speeds["float"][key] for key in speeds["float"]}
     if service:
         ratios["served"] = service["int8"]["rps"] / service["float"]["rps"]
@@ -122,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) and v < 10 else f"{v:.1f}"
-                                if isinstance(v, float) else str(v) for v in row.values()) + " |")
+                                if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns))
+              + " |")
     print("int8 / float: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+    if args.before:
+        before = {key: speeds["int8"][key] / speeds["before"][key] for key in speeds["before"]}
+        print("int8 / before: " + ", ".join(f"{k} x{v:.2f}" for k, v in before.items()))
     if service:
         floor = service["null"]["alone"]
         print(f"serving stack alone (null graph, 1 client): p50 {floor['p50_ms']:.1f} ms, server "
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_average_at_start": load, "cpu": cpu_name(), "cores": os.cpu_count(),
                                     "rows": rows, "int8_over_float": ratios, "agreement": quality,
+                                    "int8_over_before": before if args.before else None,
                                     "service": service}, indent=2, default=float) + "\n")
     print(f"wrote {args.out}")
 

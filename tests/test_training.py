@@ -329,8 +329,10 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
         history = torch.load(tmp_path / "all" / m["checkpoint"], weights_only=False)["history"]
         assert len(history) == 1 and "val_loss" not in history[0]
     meta = export_age_ensemble(tmp_path / "all", tmp_path / "exported", int8=QuantSettings(images=16))
-    assert meta["validation"]["out_of_fold"] == {"faces": faces, "folds": 2,
-                                                 "runs": [str(tmp_path / "sweep" / f"fold{k}") for k in (0, 1)]}
+    folds = [torch.load(tmp_path / "sweep" / f"fold{k}" / "ensemble.pt", weights_only=False) for k in (0, 1)]
+    assert meta["validation"]["out_of_fold"] == {
+        "faces": faces, "folds": 2, "runs": [str(tmp_path / "sweep" / f"fold{k}") for k in (0, 1)],
+        "train_seconds": round(sum(f["train_seconds"] for f in folds), 1)}
     assert meta["ensemble_val_accuracy"] == meta["float_ensemble_val_accuracy"] == summary["ensemble"]["accuracy"]
     assert meta["quantization"]["vs_float_on_training_faces"]["label_agreement"] >= 0.95
     # the same recipe with its figures from elsewhere (a sweep with one member more, say): nothing retrains

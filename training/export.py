@@ -269,7 +269,10 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path, half: bool = F
                            # trained on every face: the figures above are its fold runs' answers, out of fold
                            **({"out_of_fold": {"faces": len(summary["val_targets"]),
                                                "folds": summary["out_of_fold"][0]["folds"],
-                                               "runs": [r["run"] for r in summary["out_of_fold"]]}}
+                                               "runs": [r["run"] for r in summary["out_of_fold"]],
+                                               # the fold runs' member fits: the recipe's cost beside this run's
+                                               "train_seconds": round(sum(r.get("train_seconds", 0.0)
+                                                                          for r in summary["out_of_fold"]), 1)}}
                               if "out_of_fold" in summary else {})},
             "preset": summary["preset"], "epochs": summary["epochs"], "training": config,
             "training_wall_time_s": round(summary["train_seconds"], 1),

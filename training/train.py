@@ -483,7 +483,7 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
             for name in set(names) & set(run["member_val"]):
                 found.setdefault(name, []).append((np.asarray(run["val_index"]), run["member_val"][name]))
             sources.append({"run": str(path.parent), "folds": config["folds"], "fold": config["fold"],
-                            "members": sorted(run["member_val"])})
+                            "members": sorted(run["member_val"]), "train_seconds": float(run["train_seconds"])})
     answers = {}
     for name in names:
         parts = found.get(name, [])
