@@ -168,11 +168,23 @@ def model_summary(onnx_path: Path) -> dict:
         "members": [{k: m.get(k) for k in ("name", "weight", "val_accuracy")} for m in meta.get("members", [])],
         "test_time_augmentation": meta.get("test_time_augmentation"),
         "val_accuracy": meta.get("ensemble_val_accuracy"), "val_macro_f1": meta.get("ensemble_val_macro_f1"),
+        "validated_on": validation_summary(meta.get("validation")),
         "preset": meta.get("preset"), "created": meta.get("created"),
         "precision": meta.get("precision", "float32"),  # int8: the JSON's quantization section says how
         "outputs": list(meta.get("outputs", {})),
         "face_detection": face_detection_summary(meta.get("face_template")),
     }
+
+
+def validation_summary(validation: dict | None) -> str | None:
+    """Which faces the accuracy figures of /model were measured on: a held-out split, or out of fold for a
+    model trained on every face."""
+    if not validation:
+        return None
+    oof = validation.get("out_of_fold")
+    if oof:
+        return f"out of fold: {oof['faces']} faces, each answered by the {oof['folds']}-fold run that held it out"
+    return f"{validation['size']} held-out faces"
 
 
 def face_detection_summary(template: dict | None) -> dict:

@@ -311,6 +311,7 @@ def test_model_endpoint_names_the_version(server):
     assert info["members"] and {"name", "weight", "val_accuracy"} <= set(info["members"][0])
     assert info["outputs"] == ["probabilities", "label", "age", "age_range"]
     assert info["precision"] == "float32"  # the tiny export; the shipped one says int8
+    assert info["validated_on"].endswith(" held-out faces")  # the shipped one: out of fold
     assert info["face_detection"]["available"] and "5_face_landmarks" in info["face_detection"]["landmarks"]
     assert post(server, jpeg()).json()["model_version"] == info["version"]
 
