@@ -298,6 +298,7 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
     import shutil
     from dataclasses import replace
 
+    from serving.runtime import model_summary
     from training.config import AGE_PRESETS, AgeTrainConfig
     from training.data import DataError
     from training.export import export_age_ensemble
@@ -335,6 +336,9 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
         "train_seconds": round(sum(f["train_seconds"] for f in folds), 1)}
     assert meta["ensemble_val_accuracy"] == meta["float_ensemble_val_accuracy"] == summary["ensemble"]["accuracy"]
     assert meta["quantization"]["vs_float_on_training_faces"]["label_agreement"] >= 0.95
+    # /model says where its accuracy comes from
+    assert model_summary(tmp_path / "exported" / "age_ensemble.onnx")["validated_on"] == (
+        f"out of fold: {faces} faces, each answered by the 2-fold run that held it out")
     # the same recipe with its figures from elsewhere (a sweep with one member more, say): nothing retrains
     shutil.copytree(tmp_path / "sweep", tmp_path / "sweep-copy")
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("member-*.pt")}
