@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.before:
         rows.append({"graph": f"before ({args.before})", "MB": args.before.stat().st_size / 1e6, **speeds["before"]})
     ratios = {key: speeds["int8"][key] / speeds["float"][key] for key in speeds["float"]}
+    before = {key: speeds["int8"][key] / speeds["before"][key] for key in speeds["before"]} if args.before else None
     if service:
         ratios["served"] = service["int8"]["rps"] / service["float"]["rps"]
     columns = list(rows[0])
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                                 if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns))
               + " |")
     print("int8 / float: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
-    if args.before:
-        before = {key: speeds["int8"][key] / speeds["before"][key] for key in speeds["before"]}
+    if before:
         print("int8 / before: " + ", ".join(f"{k} x{v:.2f}" for k, v in before.items()))
     if service:
         floor = service["null"]["alone"]
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_average_at_start": load, "cpu": cpu_name(), "cores": os.cpu_count(),
                                     "rows": rows, "int8_over_float": ratios, "agreement": quality,
-                                    "int8_over_before": before if args.before else None,
+                                    "int8_over_before": before,
                                     "service": service}, indent=2, default=float) + "\n")
     print(f"wrote {args.out}")
 

@@ -314,9 +314,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
-        # where the figures of a run on all faces come from does not change how its members train
-        reuse = bool(previous and previous.get("complete")
-                     and same_recipe(previous["config"], common["config"], also_ignored=("oof_from",)))
+        reuse = bool(previous and previous.get("complete") and same_recipe(previous["config"], common["config"]))
         # pretrained weights only for a member that trains: a finished checkpoint replaces them anyway
         model = build_member(member, cfg.input_size, mean, std, pretrained=not reuse)
         model = model.to(device, memory_format=torch.channels_last)
@@ -375,8 +373,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             continue  # the budget leaves too few members for an ensemble with this option
         keep, weights = prune_members(member_probs, targets, cfg.min_member_weight, cap)
         probs = np.tensordot(weights, member_probs[keep], axes=1)  # (N, 5)
-        candidates[tta_flip] = {"weights": weights, "keep": keep, "probs": probs,
-                                "log_loss": log_loss(probs, targets), **classification_metrics(probs, targets)}
+        candidates[tta_flip] = {"weights": weights, "keep": keep, "probs": probs, **ensemble_metrics(probs, targets)}
     # the mirror only where it classifies better (and the budget allows it)
     tta_flip = True in candidates and candidates[True]["accuracy"] > candidates[False]["accuracy"]
     weights, fitted_probs, keep = (candidates[tta_flip][k] for k in ("weights", "probs", "keep"))
@@ -387,7 +384,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     weights, uniform_weights = uniform_if_better(chosen_members, targets, weights)
     if uniform_weights:
         fitted_probs = chosen_members.mean(0)
-        fitted = {"log_loss": log_loss(fitted_probs, targets), **classification_metrics(fitted_probs, targets)}
+        fitted = ensemble_metrics(fitted_probs, targets)
     plain = plain[keep]
     dropped = [{"name": r["name"], "val_accuracy": r["val_accuracy"]} for i, r in enumerate(results) if i not in keep]
     train_seconds = sum(r["train_seconds"] for r in results)  # every member trained, kept or not
@@ -444,16 +441,17 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
 
 
 def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
-    """Two configs train identical members (which members, threads, device and folders aside, and the settings
-    in `also_ignored`); a setting one of them predates counts at its default."""
+    """Two configs train identical members (which members, threads, device and folders aside, where a run on
+    all faces takes its figures from, and the settings in `also_ignored`); a setting one of them predates counts
+    at its default."""
     ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes",
-               "max_members", "face_template", *also_ignored}
+               "max_members", "face_template", "oof_from", *also_ignored}
     defaults = to_jsonable(AgeTrainConfig())
     a, b = {**defaults, **a}, {**defaults, **b}
     return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
 
 
-SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last", "oof_from")  # where a run validates, not how it trains
+SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last")  # where a run validates, not how it trains
 
 
 def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_sha256: str) -> tuple[dict, list]:
@@ -499,7 +497,7 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
 
 
 def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict | None,
-                  tta_flip: bool, uniform_weights: bool = False) -> None:
+                  tta_flip: bool, uniform_weights: bool) -> None:
     rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
     rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
              ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
@@ -517,6 +515,11 @@ def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_f
 def log_loss(probs: np.ndarray, targets: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class."""
     return float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+
+
+def ensemble_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """An ensemble's log loss beside its accuracy, macro-F1 and MAE in groups on `targets`."""
+    return {"log_loss": log_loss(probs, targets), **classification_metrics(probs, targets)}
 
 
 def train_stl10(cfg: Stl10TrainConfig) -> dict:
