@@ -9,7 +9,9 @@ the baseline the others are compared with). Each (recipe, fold) is one `agegroup
 --no-face-template` run under runs/<name>/<recipe>/fold<i>; a finished run is reused, so an interrupted sweep
 resumes. Reported per recipe: accuracy, macro-F1 and age MAE (years) of the run's fitted ensemble (its one
 member when there is one) on each fold, their mean and spread over the folds, and against the baseline the
-paired difference by fold and by face (the mean over all faces of data.csv, with its standard error).
+paired difference by fold and by face (the mean over all faces of data.csv, with its standard error). Where a
+recipe's runs kept their answers on the mirrored images, a row "NAME + mirror" scores the same ensemble averaged
+over each image and its mirror (what `tta_flip` puts in the graph), paired with the baseline alike.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ RESULTS = REPO / "bench" / "results"
 
 def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
     """Train (or reuse) one recipe on one fold; its fitted ensemble's validation answers, face by face (None for
-    a run not finished yet with --report-only)."""
+    a run not finished yet with --report-only), and under "mirror" the same ensemble averaged over each image
+    and its mirror (None for a run made before runs kept their mirrored answers)."""
     out = REPO / "runs" / args.name / recipe / f"fold{fold}"
     if not (out / "summary.json").is_file():
         if args.report_only:
@@ -48,17 +51,26 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     summary = torch.load(out / "ensemble.pt", weights_only=False)
-    weights = {m["name"]: m["weight"] for m in summary["members"]}
-    probs = sum(w * summary["member_val"][name]["probs"] for name, w in weights.items())
-    ages = sum(w * summary["member_val"][name]["ages"] for name, w in weights.items())
+    answers = [(m["weight"], summary["member_val"][m["name"]]) for m in summary["members"]]
+    result = score(summary, [(w, a["probs"], a["ages"]) for w, a in answers])
+    result.update(fold=fold, train_seconds=float(summary["train_seconds"]),
+                  members={m["name"]: m["val_accuracy"] for m in summary["members"]}, mirror=None)
+    if all(a.get("mirrored_probs") is not None for _, a in answers):
+        result["mirror"] = score(summary, [(w, (a["probs"] + a["mirrored_probs"]) / 2,
+                                            (a["ages"] + a["mirrored_ages"]) / 2) for w, a in answers])
+    return result
+
+
+def score(summary: dict, answers: list[tuple]) -> dict:
+    """Accuracy, macro-F1 and age MAE, face by face too, of the weighted (weight, probs, ages) answers."""
+    probs = sum(w * p for w, p, _ in answers)
+    ages = sum(w * a for w, _, a in answers)
     targets, labels = summary["val_targets"], probs.argmax(1)
     age_errors = np.abs(ages - summary["val_true_ages"])
-    return {"fold": fold, "index": np.asarray(summary["val_index"]), "correct": labels == targets,
+    return {"index": np.asarray(summary["val_index"]), "correct": labels == targets,
             "accuracy": float((labels == targets).mean()),
             "macro_f1": float(f1_score(targets, labels, average="macro")),
-            "abs_age_error": age_errors, "age_mae_years": float(age_errors.mean()),
-            "train_seconds": float(summary["train_seconds"]),
-            "members": {m["name"]: m["val_accuracy"] for m in summary["members"]}}
+            "abs_age_error": age_errors, "age_mae_years": float(age_errors.mean())}
 
 
 def mean_sd(values: list[float], scale: float = 100.0) -> tuple[float, float]:
@@ -87,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
     results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
     results = {name: folds for name, folds in results.items() if None not in folds}
+    for name, folds in list(results.items()):  # each recipe's ensemble over the mirror too, where its runs kept it
+        if all(f["mirror"] is not None for f in folds):
+            results[f"{name} + mirror"] = [{**f, **f["mirror"]} for f in folds]
+            recipes[f"{name} + mirror"] = recipes[name]
     if not results:
         raise SystemExit("bench/cv.py: no recipe has all its folds finished yet")
     base_name = next(iter(results))

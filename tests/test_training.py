@@ -356,12 +356,15 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
     saved = torch.load(tmp_path / "all" / "ensemble.pt", weights_only=False)
     assert saved["val_index"] == [] and len(saved["val_targets"]) == faces
     assert [r["fold"] for r in summary["out_of_fold"]] == [0, 1]
-    # the fitted figures are the out-of-fold answers of the fold runs, weighted as fitted
+    # the fitted figures are the out-of-fold answers of the fold runs (over the mirror too where that was
+    # chosen: the fold runs keep their answers on the mirrored faces), weighted as fitted
+    assert summary["fitted_with_flip"] is not None and summary["fitted_without_flip"] is not None
     answers = {}
     for fold in (0, 1):
         run = torch.load(tmp_path / "sweep" / f"fold{fold}" / "ensemble.pt", weights_only=False)
         for name, a in run["member_val"].items():
-            answers.setdefault(name, np.zeros((faces, 5)))[run["val_index"]] = a["probs"]
+            seen = (a["probs"] + a["mirrored_probs"]) / 2 if summary["tta_flip"] else a["probs"]
+            answers.setdefault(name, np.zeros((faces, 5)))[run["val_index"]] = seen
     mixed = sum(m["weight"] * answers[m["name"]] for m in summary["members"])
     assert summary["ensemble"]["accuracy"] == pytest.approx((mixed.argmax(1) == saved["val_targets"]).mean())
     for m in summary["members"]:  # every member trained on every face, its last epoch kept, never validated
@@ -377,11 +380,18 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
     # /model says where its accuracy comes from
     assert model_summary(tmp_path / "exported" / "age_ensemble.onnx")["validated_on"] == (
         f"out of fold: {faces} faces, each answered by the 2-fold run that held it out")
-    # the same recipe with its figures from elsewhere (a sweep with one member more, say): nothing retrains
+    # the same recipe with its figures from elsewhere (here fold runs made before they kept their mirrored
+    # answers: no mirror to choose): nothing retrains
     shutil.copytree(tmp_path / "sweep", tmp_path / "sweep-copy")
+    for path in (tmp_path / "sweep-copy").glob("fold*/ensemble.pt"):
+        run = torch.load(path, weights_only=False)
+        for a in run["member_val"].values():
+            del a["mirrored_probs"], a["mirrored_ages"]
+        torch.save(run, path)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("member-*.pt")}
-    train_age_ensemble(replace(everything, oof_from=(str(tmp_path / "sweep-copy"),)))
+    older = train_age_ensemble(replace(everything, oof_from=(str(tmp_path / "sweep-copy"),)))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "all").glob("member-*.pt")} == stamps
+    assert older["fitted_with_flip"] is None and not older["tta_flip"]
 
     # sweeps that cannot stand in for the run are refused before anything trains
     def refused(match: str, **changes) -> None:

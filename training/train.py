@@ -371,7 +371,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             val = {**classification_metrics(answers["probs"], labels), "probs": answers["probs"],
                    "targets": labels, "ages": answers["ages"], "age_mae_years": None if answers["ages"] is None
                    else float(np.abs(answers["ages"] - table["Age"].to_numpy()).mean())}
-            mirrored = {"probs": None}
+            mirrored = {"probs": answers["mirrored_probs"], "ages": answers["mirrored_ages"]}
         else:
             val = evaluate(model, val_batches, loss_fn)
             mirrored = evaluate(model, mirrored_batches, loss_fn)
@@ -382,16 +382,18 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                         "val_age_mae_years": val.get("age_mae_years"), "val_ages": val.get("ages"),
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
-                        "mirrored_probs": mirrored["probs"]})
+                        "mirrored_probs": mirrored["probs"], "mirrored_ages": mirrored.get("ages")})
     # the faces the weights are fitted on and the figures measured on: validation, or out of fold on all faces
     targets, true_ages = (labels.copy(), table["Age"].to_numpy().copy()) if all_data else (
         class_of(val_set[-1]).cpu().numpy(), val_set[-1][:, 1].cpu().numpy())
     plain = np.stack([r.pop("probs") for r in results])  # (M, N, 5)
     # every trained member's validation answers, kept or not (ensemble.pt only): bench/cv.py pairs them by face
-    member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages")} for r, p in zip(results, plain)}
-    mirrored = [r.pop("mirrored_probs") for r in results]
-    # the fold runs keep no mirrored answers: a run on all faces is fitted without the flip
-    flip_averaged = None if all_data else 0.5 * (plain + np.stack(mirrored))
+    # (and their answers on the mirrored images, which a run on all faces takes from its fold runs)
+    member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages"), "mirrored_probs": r.pop("mirrored_probs"),
+                              "mirrored_ages": r.pop("mirrored_ages")} for r, p in zip(results, plain)}
+    mirrored = [v["mirrored_probs"] for v in member_val.values()]
+    # fold runs made before they kept mirrored answers: a run on all faces from them is fitted without the flip
+    flip_averaged = None if any(m is None for m in mirrored) else 0.5 * (plain + np.stack(mirrored))
     candidates = {}
     for tta_flip, member_probs in ((False, plain), (True, flip_averaged)):
         if member_probs is None:
@@ -426,8 +428,10 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         r["weight"] = float(w)
     plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
-    if not tta_flip and all(v["ages"] is not None for v in member_val.values()):
-        ensemble_ages = sum(w * member_val[r["name"]]["ages"] for r, w in zip(results, weights))
+    views = ("ages", "mirrored_ages") if tta_flip else ("ages",)  # the graph's age: the mean over its views
+    if all(v[view] is not None for v in member_val.values() for view in views):
+        ensemble_ages = sum(w * np.mean([member_val[r["name"]][view] for view in views], axis=0)
+                            for r, w in zip(results, weights))
         fitted["age_mae_years"] = float(np.abs(ensemble_ages - true_ages).mean())
     summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
                "tta_flip": bool(tta_flip), "weights": "uniform" if uniform_weights else "fitted",
@@ -487,7 +491,9 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
     """Each member's answers on every face of data.csv from the cross-validation runs that never trained on it:
     the fold runs (fold*/ensemble.pt) in the folders of `cfg.oof_from`, trained on the same data.csv by the same
     recipe as `cfg` (its split settings aside), each keeping its last epoch as a run on all faces does.
-    Returns ({name: {"probs": (N, 5), "ages": (N,) or None}} in data.csv's row order, the runs read)."""
+    Returns ({name: {"probs": (N, 5), "ages": (N,), "mirrored_probs": (N, 5), "mirrored_ages": (N,)}} in data.csv's
+    row order, each None where a fold run lacks it (ages: a group member; mirrored: a run made before they were
+    kept), and the runs read)."""
     if not cfg.oof_from:
         raise DataError("a run on all of data.csv (--val-fraction 0) has no validation faces: give --oof-from the "
                         "cross-validation sweeps of its recipe (bench/cv.py ... --recipe NAME=--keep-last) whose "
@@ -519,9 +525,10 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
             raise DataError(f"{name}: its fold runs in {', '.join(cfg.oof_from)} do not validate every face of "
                             f"data.csv exactly once ({len(parts)} runs, {len(index)} answers for {faces} faces)")
         order = np.argsort(index)
-        ages = [a["ages"] for _, a in parts]
-        answers[name] = {"probs": np.concatenate([a["probs"] for _, a in parts])[order],
-                         "ages": None if any(a is None for a in ages) else np.concatenate(ages)[order]}
+        answers[name] = {}
+        for key in ("probs", "ages", "mirrored_probs", "mirrored_ages"):  # None where a fold run lacks them
+            values = [a.get(key) for _, a in parts]
+            answers[name][key] = None if any(v is None for v in values) else np.concatenate(values)[order]
     return answers, sources
 
 
