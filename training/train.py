@@ -167,8 +167,9 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
                                 averaged, mixup)
         if swa is not None and epoch > epochs - swa_epochs:  # inside the averaging window
             swa.update_parameters(model)
-            swa_batchnorm(swa.module, train_batches)
             scored = swa.module
+            if epoch == epochs or (val_batches is not None and not keep_last):  # validated or saved now
+                swa_batchnorm(scored, train_batches)
         if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
