@@ -108,7 +108,6 @@ class AgeTrainConfig:
     focal_gamma: float = 0.0  # > 0 switches the loss to focal loss with this gamma
     age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age
     ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, this decay per step
-    swa_epochs: int = 0  # > 0: keep the equal average of the weights at the end of each of this many last epochs
     mixup: float = 0.0  # > 0: mix training images in pairs, Beta(mixup, mixup) weights, losses mixed alike
     group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
     mean_variance: tuple[float, ...] = (0.0, 0.0)  # "age" members: weights of the mean-variance loss (Pan et al.

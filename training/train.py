@@ -131,25 +131,19 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
         amp: bool = False, name: str = "model", ema: float = 0.0, mixup: float = 0.0,
-        keep_last: bool = False, swa_epochs: int = 0) -> dict:
+        keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
     on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
     validated).
 
     With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
-    `ema` per step, is what gets validated and saved. With `swa_epochs` > 0 (stochastic weight averaging) it is
-    the equal average of the weights at the end of each of the last `swa_epochs` epochs (from the first of them
-    on), its BatchNorm statistics measured again on the training images (swa_batchnorm). Saves `checkpoint`
-    (state_dict, `extra`, metrics, history) whenever validation accuracy improves and stops early after
-    `patience` epochs without a lower validation loss. Returns the best epoch's metrics.
+    `ema` per step, is what gets validated and saved. Saves `checkpoint` (state_dict, `extra`, metrics,
+    history) whenever validation accuracy improves and stops early after `patience` epochs without a lower
+    validation loss. Returns the best epoch's metrics.
     """
-    if ema and swa_epochs:
-        raise ValueError("ema and swa_epochs are two ways to average the weights: choose one")
-    swa_epochs = min(swa_epochs, epochs)
     averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         ema), use_buffers=True) if ema else None)
-    swa = torch.optim.swa_utils.AveragedModel(model) if swa_epochs else None  # weights only: statistics measured
     scored = averaged.module if averaged is not None else model  # what is validated and saved
     groups = model.parameter_groups(lr) if hasattr(model, "parameter_groups") else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
@@ -165,11 +159,6 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     for epoch in range(1, epochs + 1):
         train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
                                 averaged, mixup)
-        if swa is not None and epoch > epochs - swa_epochs:  # inside the averaging window
-            swa.update_parameters(model)
-            scored = swa.module
-            if epoch == epochs or (val_batches is not None and not keep_last):  # validated or saved now
-                swa_batchnorm(scored, train_batches)
         if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
@@ -202,25 +191,6 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     saved.update(history=history, complete=True, train_seconds=time.perf_counter() - start)
     torch.save(saved, checkpoint)
     return best
-
-
-@torch.no_grad()
-def swa_batchnorm(model, batches: Batches) -> None:
-    """Measure again, over one pass of the training images un-augmented, the statistics of the BatchNorm layers
-    that train (frozen stages keep theirs): averaged weights need their own statistics, not an average of each
-    epoch's. Draws no random numbers (no shuffle, no dropout), so the training that follows is unchanged."""
-    model.eval()
-    learning = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                and any(p.requires_grad for p in m.parameters())]
-    momenta = [m.momentum for m in learning]
-    for m in learning:
-        m.train()
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the pass
-    for *inputs, _ in Batches(batches.tensors, 256, device=batches.device):
-        model(*inputs)
-    for m, momentum in zip(learning, momenta):
-        m.momentum = momentum
 
 
 def fit_ensemble_weights(member_probs: np.ndarray, targets: np.ndarray, steps: int = 300) -> np.ndarray:
@@ -364,7 +334,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, ema=cfg.ema, mixup=cfg.mixup, keep_last=cfg.keep_last, swa_epochs=cfg.swa_epochs)
+                name=member.name, ema=cfg.ema, mixup=cfg.mixup, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         if all_data:  # its answers on faces it never saw: its fold runs'
@@ -477,12 +447,15 @@ def write_face_template(paths: list[str], out_dir: Path) -> dict:
 def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
     """Two configs train identical members (which members, threads, device and folders aside, where a run on
     all faces takes its figures from, and the settings in `also_ignored`); a setting one of them predates counts
-    at its default."""
+    at its default, and a setting this code no longer has (a lever tried and taken out) only where it was on."""
     ignored = {"members", "threads", "device", "out_dir", "data_dir", "preset", "min_member_weight", "max_passes",
                "max_members", "face_template", "oof_from", *also_ignored}
     defaults = to_jsonable(AgeTrainConfig())
-    a, b = {**defaults, **a}, {**defaults, **b}
-    return {k: v for k, v in a.items() if k not in ignored} == {k: v for k, v in b.items() if k not in ignored}
+
+    def trained_by(config: dict) -> dict:
+        return {k: v for k, v in {**defaults, **config}.items() if k not in ignored and (k in defaults or v)}
+
+    return trained_by(a) == trained_by(b)
 
 
 SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last")  # where a run validates, not how it trains
