@@ -511,13 +511,16 @@ def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_f
     rows = [(r["name"], f"{r['weight']:.3f}", r["val_accuracy"], r["val_macro_f1"]) for r in results]
     rows += [("ensemble, uniform", "", uniform["accuracy"], uniform["macro_f1"]),
              ("ensemble, fitted", "", without_flip["accuracy"], without_flip["macro_f1"])]
-    if with_flip is not None:  # None where the budget of passes leaves too few members to mirror
+    if with_flip is not None:  # None where the budget of passes leaves too few members to mirror, or no
+        # mirrored answers were kept (fold runs made before they were)
         rows.append(("ensemble, fitted + flip", "", with_flip["accuracy"], with_flip["macro_f1"]))
     print(f"\n{'model':<26}{'weight':>8}{'val acc':>9}{'val F1':>8}")
     for name, weight, acc, f1 in rows:
         print(f"{name:<26}{weight:>8}{acc:>9.4f}{f1:>8.4f}")
+    flip = ("not tried: budget of passes or no mirrored answers" if with_flip is None
+            else "raises validation accuracy" if tta_flip else "does not raise validation accuracy")
     print(f"shipped ensemble: {'uniform' if uniform_weights else 'fitted'} weights{' + flip' if tta_flip else ''} "
-          f"(flip test-time averaging {'raises' if tta_flip else 'does not raise'} validation accuracy; "
+          f"(flip test-time averaging {flip}; "
           f"equal weights {'classify' if uniform_weights else 'do not classify'} it better than fitted ones)",
           flush=True)
 
