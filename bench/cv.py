@@ -1,5 +1,6 @@
 """Recipes compared by K-fold cross-validation: every recipe trained on each fold, every face of data.csv
-validated once per recipe, the differences paired by fold and by face. Prints a table; writes bench/results/cv.json.
+validated once per recipe, the differences paired by fold and by face. Prints a table; writes bench/results/cv.json
+(one entry per member set, fold count and baseline recipe).
 
     .venv/bin/python bench/cv.py --members face-age-frz --folds 3 \\
         --recipe base= --recipe erase="--erase 0.5" --recipe mv="--mean-variance 0.2 0.05"
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['train_minutes_per_fold']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    log[f"{' '.join(args.members)} / {args.folds} folds"] = report
+    log[f"{' '.join(args.members)} / {args.folds} folds / against {base_name}"] = report  # one entry a baseline
     args.out.write_text(json.dumps(log, indent=2) + "\n")
     print(f"wrote {args.out}")
 
