@@ -26,14 +26,17 @@ def ray(*args: str) -> None:
                    timeout=120)
 
 
-def kill_a_scorer(killed: list) -> None:
-    """Kill the first worker process that holds a Scorer actor (its title names it), once it has one."""
-    deadline = time.time() + 60
-    while time.time() < deadline and not killed:
+def kill_a_scorer(killed: list, done: threading.Event) -> None:
+    """Kill the first worker process that holds a Scorer actor (its title names it), once it has one. It looks
+    until the job ends: on a busy machine the actors can take minutes to start."""
+    while not done.is_set() and not killed:
         for p in psutil.process_iter(["pid", "cmdline"]):
             if "Scorer" in " ".join(p.info["cmdline"] or []):
                 time.sleep(0.5)  # let it take a batch first
-                p.kill()
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:  # gone meanwhile: look for another
+                    continue
                 killed.append(p.info["pid"])
                 return
         time.sleep(0.05)
@@ -59,8 +62,9 @@ def main() -> None:
         time.sleep(0.5)
     nodes = [n["NodeID"] for n in ray_api.nodes() if n["Alive"]]
     killed: list = []
+    done = threading.Event()
     if "--kill-worker" in sys.argv:
-        threading.Thread(target=kill_a_scorer, args=(killed,), daemon=True).start()
+        threading.Thread(target=kill_a_scorer, args=(killed, done), daemon=True).start()
     import serving.ray_batch as ray_batch
 
     scored_nodes: list = []
@@ -79,6 +83,7 @@ def main() -> None:
                   aligned="--aligned" in sys.argv)
     except DataError as exc:
         error = str(exc)
+    done.set()
     print(json.dumps({"nodes": nodes, "scored_on": scored_nodes, "killed": killed, "error": error}), flush=True)
 
 

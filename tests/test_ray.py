@@ -53,9 +53,9 @@ def run_cluster(table: Path, tiny_export: Path, out: Path, *extra: str) -> dict:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def local_rows(face_dir: Path, tiny_export: Path, out: Path) -> pd.DataFrame:
-    return score_csv(face_dir / "testdata.csv", out, model_path=tiny_export / "age_ensemble.onnx",
-                     with_probabilities=True, with_ages=True, progress=False)
+def local_rows(table: Path, tiny_export: Path, out: Path) -> pd.DataFrame:
+    return score_csv(table, out, model_path=tiny_export / "age_ensemble.onnx", with_probabilities=True,
+                     with_ages=True, progress=False)
 
 
 def assert_same_rows(ray_out: Path, local: pd.DataFrame) -> None:
@@ -73,16 +73,20 @@ def test_a_two_node_cluster_scores_like_the_local_scorer(face_dir, tiny_export, 
     report = run_cluster(face_dir / "testdata.csv", tiny_export, tmp_path / "ray.csv")
     assert report["error"] is None and len(report["nodes"]) == 2
     assert sorted(report["scored_on"]) == sorted(report["nodes"]), report  # both nodes scored rows
-    assert_same_rows(tmp_path / "ray.csv", local_rows(face_dir, tiny_export, tmp_path / "local.csv"))
+    assert_same_rows(tmp_path / "ray.csv", local_rows(face_dir / "testdata.csv", tiny_export, tmp_path / "local.csv"))
 
 
 @needs_ray
 @needs_netns
 def test_a_worker_killed_mid_job_loses_no_row(face_dir, tiny_export, tmp_path):
-    report = run_cluster(face_dir / "testdata.csv", tiny_export, tmp_path / "ray.csv", "--kill-worker")
+    table = pd.read_csv(face_dir / "testdata.csv")  # 23 rows score in well under the killer's half second:
+    table = pd.concat([table] * 20, ignore_index=True)  # 460 make a job that outlives it, on a busy machine too
+    table["Image"] = [str(face_dir / p) for p in table["Image"]]
+    table.to_csv(tmp_path / "long.csv", index=False)
+    report = run_cluster(tmp_path / "long.csv", tiny_export, tmp_path / "ray.csv", "--kill-worker")
     assert report["killed"], "no model worker was found to kill"
     if report["error"] is None:  # Ray restarted the actor and retried its batch: every row, as local
-        assert_same_rows(tmp_path / "ray.csv", local_rows(face_dir, tiny_export, tmp_path / "local.csv"))
+        assert_same_rows(tmp_path / "ray.csv", local_rows(tmp_path / "long.csv", tiny_export, tmp_path / "local.csv"))
     else:  # or the job failed: one clear line, nothing written
         assert "\n" not in report["error"] and not (tmp_path / "ray.csv").exists()
 
