@@ -79,8 +79,8 @@ def test_a_two_node_cluster_scores_like_the_local_scorer(face_dir, tiny_export, 
 @needs_ray
 @needs_netns
 def test_a_worker_killed_mid_job_loses_no_row(face_dir, tiny_export, tmp_path):
-    table = pd.read_csv(face_dir / "testdata.csv")  # 23 rows score in well under the killer's half second:
-    table = pd.concat([table] * 20, ignore_index=True)  # 460 make a job that outlives it, on a busy machine too
+    table = pd.read_csv(face_dir / "testdata.csv")  # 23 rows can be scored within the killer's half second:
+    table = pd.concat([table] * 20, ignore_index=True)  # 460 make a job that outlives it
     table["Image"] = [str(face_dir / p) for p in table["Image"]]
     table.to_csv(tmp_path / "long.csv", index=False)
     report = run_cluster(tmp_path / "long.csv", tiny_export, tmp_path / "ray.csv", "--kill-worker")
