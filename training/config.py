@@ -105,14 +105,7 @@ class AgeTrainConfig:
     warmup_epochs: float = 1.0  # linear warmup length in epochs
     weight_decay: float = 5e-4  # decoupled (AdamW) weight decay
     label_smoothing: float = 0.1  # cross-entropy label smoothing; ages are noisy labels
-    focal_gamma: float = 0.0  # > 0 switches the loss to focal loss with this gamma
     age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age
-    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, this decay per step
-    mixup: float = 0.0  # > 0: mix training images in pairs, Beta(mixup, mixup) weights, losses mixed alike
-    group_loss: float = 0.0  # "age" members: weight of an extra group cross-entropy on the decoded groups
-    mean_variance: tuple[float, ...] = (0.0, 0.0)  # "age" members: weights of the mean-variance loss (Pan et al.
-    # 2018), half the squared error of the predicted mean age and the predicted variance, in years squared
-    erase: float = 0.0  # share of training images given a random-erasing rectangle of noise (0 = none)
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting (0 = none:
     # train on all of data.csv, with the ensemble weights fitted on --oof-from's out-of-fold answers)
     oof_from: tuple[str, ...] = ()  # with --val-fraction 0: cross-validation sweeps (folders of fold0..foldK-1 runs

@@ -81,13 +81,10 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Train-only augmentation of a float (B, 3, H, W) batch: random flip, rotation, shift and scale, and with
-    `erase` > 0 random erasing (that share of the images gets one rectangle of 2-25 % of its area, aspect
-    0.3-3.3, filled with uniform noise, as Zhong et al. 2017 describe)."""
+    """Train-only augmentation of a float (B, 3, H, W) batch: random flip, rotation, shift and scale."""
 
-    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0,
-                 erase: float = 0.0):
-        self.flip, self.degrees, self.shift, self.scale, self.erase = flip, degrees, shift, scale, erase
+    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0):
+        self.flip, self.degrees, self.shift, self.scale = flip, degrees, shift, scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -100,30 +97,11 @@ class BatchAugment:
         theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
         theta[:, :, 2] = (torch.rand(b, 2) * 2 - 1) * 2 * self.shift
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return erase_rectangles(x, self.erase) if self.erase > 0 else x
-
-
-def erase_rectangles(x: torch.Tensor, share: float) -> torch.Tensor:
-    """Random erasing on a float (B, 3, H, W) batch in 0..255: each image with probability `share` gets one
-    rectangle (2-25 % of its area, aspect ratio 0.3-3.3 on a log scale) replaced by uniform noise."""
-    b, _, h, w = x.shape
-    area = (0.02 + 0.23 * torch.rand(b)) * h * w
-    aspect = torch.exp((torch.rand(b) * 2 - 1) * math.log(3.3))
-    eh = (area * aspect).sqrt().clamp(1, h).long()
-    ew = (area / aspect).sqrt().clamp(1, w).long()
-    top = (torch.rand(b) * (h - eh + 1)).long()
-    left = (torch.rand(b) * (w - ew + 1)).long()
-    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
-    inside &= (torch.rand(b) < share).view(b, 1, 1)
-    inside = inside.unsqueeze(1).to(x.device)  # (B, 1, H, W)
-    return torch.where(inside, torch.rand_like(x) * 255, x)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 AUGMENT_PRESETS = {
-    "faces": lambda erase=0.0: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08, erase=erase),
+    "faces": lambda: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08),
     "stl10": lambda: BatchAugment(flip=True, degrees=10.0),  # the course report's flips and +-10 degrees
 }
 

@@ -431,13 +431,6 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
     return model
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, label_smoothing: float = 0.0):
-    """Cross-entropy down-weighted on easy examples by (1 - p_target) ** gamma."""
-    ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
-    p_target = logits.softmax(dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-    return ((1 - p_target) ** gamma * ce).mean()
-
-
 def age_distribution(age: torch.Tensor, sigma: float) -> torch.Tensor:
     """(B,) ages in years -> (B, 51) a Gaussian over the ages 10-60 around each, normalised to sum 1."""
     grid = torch.tensor(AGES, dtype=torch.float32, device=age.device)
@@ -445,18 +438,6 @@ def age_distribution(age: torch.Tensor, sigma: float) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def age_distribution_loss(logits: torch.Tensor, age: torch.Tensor, sigma: float,
-                          mean_variance: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
-    """Label-distribution learning: KL(Gaussian around the true age || softmax over ages), batch mean.
-
-    `mean_variance` (w_mean, w_var) adds Pan et al.'s mean-variance loss (CVPR 2018): w_mean x half the
-    squared error of the distribution's mean age, plus w_var x its variance, both in years squared."""
-    log_probs = logits.log_softmax(dim=1)
-    loss = F.kl_div(log_probs, age_distribution(age, sigma), reduction="batchmean")
-    w_mean, w_var = mean_variance
-    if w_mean or w_var:
-        probs, grid = log_probs.exp(), torch.tensor(AGES, dtype=log_probs.dtype, device=logits.device)
-        mean = probs @ grid
-        variance = (probs * (grid.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(1)
-        loss = loss + w_mean * 0.5 * ((mean - age.to(mean.dtype)) ** 2).mean() + w_var * variance.mean()
-    return loss
+def age_distribution_loss(logits: torch.Tensor, age: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Label-distribution learning: KL(Gaussian around the true age || softmax over ages), batch mean."""
+    return F.kl_div(logits.log_softmax(dim=1), age_distribution(age, sigma), reduction="batchmean")

@@ -47,39 +47,26 @@ from training.data import (
     to_nchw,
     validation_split,
 )
-from training.models import Stl10MLP, age_distribution_loss, age_summary, build_member, focal_loss
+from training.models import Stl10MLP, age_distribution_loss, age_summary, build_member
 
 TEMPLATE_FILE = "face_template.json"
 CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
 CALIBRATION_IMAGES = 1024  # training images that set a pretrained backbone's BatchNorm statistics
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
-                    ema=None, mixup: float = 0.0) -> dict:
-    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy.
-
-    `ema`, an AveragedModel, is updated after every optimizer step. `mixup` > 0 blends every batch's images
-    with a shuffled copy of it (weight ~ Beta(mixup, mixup), folded to >= 0.5 so that the first face and its
-    gender and race dominate) and blends the two losses the same way."""
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
+    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
     for *inputs, target in bar:
-        if mixup > 0:
-            share = float(np.random.beta(mixup, mixup))
-            share, order = max(share, 1 - share), torch.randperm(len(target), device=target.device)
-            inputs[0] = share * inputs[0] + (1 - share) * inputs[0][order]
         with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(*inputs)
         loss = loss_fn(logits.float(), target)
-        if mixup > 0:
-            loss = share * loss + (1 - share) * loss_fn(logits.float(), target[order])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
         total_loss += loss.item() * len(target)
         correct += (decode(model, logits.detach().float()).argmax(1) == class_of(target)).sum().item()
         seen += len(target)
@@ -130,21 +117,15 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", ema: float = 0.0, mixup: float = 0.0,
-        keep_last: bool = False) -> dict:
+        amp: bool = False, name: str = "model", keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
     on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
     validated).
 
-    With `ema` > 0 an exponential moving average of the weights (and BatchNorm statistics), decaying by
-    `ema` per step, is what gets validated and saved. Saves `checkpoint` (state_dict, `extra`, metrics,
-    history) whenever validation accuracy improves and stops early after `patience` epochs without a lower
-    validation loss. Returns the best epoch's metrics.
+    Saves `checkpoint` (state_dict, `extra`, metrics, history) whenever validation accuracy improves and stops
+    early after `patience` epochs without a lower validation loss. Returns the best epoch's metrics.
     """
-    averaged = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        ema), use_buffers=True) if ema else None)
-    scored = averaged.module if averaged is not None else model  # what is validated and saved
     groups = model.parameter_groups(lr) if hasattr(model, "parameter_groups") else model.parameters()
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     steps_per_epoch, total = len(train_batches), epochs * len(train_batches)
@@ -157,8 +138,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
-                                averaged, mixup)
+        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}")
         if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
@@ -166,10 +146,10 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
                   f"[{history[-1]['seconds']:.0f}s]", flush=True)
             if epoch == epochs:  # without validation: the last epoch is what is kept
                 best = history[-1]
-                torch.save({"state_dict": scored.state_dict(), **extra, "metrics": best, "history": history},
+                torch.save({"state_dict": model.state_dict(), **extra, "metrics": best, "history": history},
                            checkpoint)
             continue
-        val = evaluate(scored, val_batches, loss_fn)
+        val = evaluate(model, val_batches, loss_fn)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start}
@@ -180,7 +160,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
               f"{'  *best' if improved else ''}  [{row['seconds']:.0f}s]", flush=True)
         if improved:
             best = row
-            torch.save({"state_dict": scored.state_dict(), **extra, "metrics": best, "history": history}, checkpoint)
+            torch.save({"state_dict": model.state_dict(), **extra, "metrics": best, "history": history}, checkpoint)
         stale = 0 if val["loss"] < best_loss else stale + 1
         best_loss = min(best_loss, val["loss"])
         if patience and stale >= patience:
@@ -234,26 +214,17 @@ def uniform_if_better(member_probs: np.ndarray, targets: np.ndarray, weights: np
     return (equal, True) if errors[1] < errors[0] else (weights, False)
 
 
-def make_loss(label_smoothing: float, focal_gamma: float = 0.0):
-    """Cross-entropy with label smoothing, or focal loss when focal_gamma > 0, on the class of the targets."""
-    if focal_gamma > 0:
-        return lambda logits, y: focal_loss(logits, class_of(y), focal_gamma, label_smoothing)
+def make_loss(label_smoothing: float):
+    """Cross-entropy with label smoothing on the class of the targets."""
     return lambda logits, y: F.cross_entropy(logits, class_of(y), label_smoothing=label_smoothing)
 
 
 def make_member_loss(cfg: AgeTrainConfig, model):
-    """The loss of one member: group cross-entropy, or for an age head the age-distribution loss
-    (plus `group_loss` x cross-entropy of its decoded groups). Targets are (B, 2) [label, age]."""
+    """The loss of one member: group cross-entropy, or for an age head the age-distribution loss.
+    Targets are (B, 2) [label, age]."""
     if getattr(model, "target", "group") == "group":
-        return make_loss(cfg.label_smoothing, cfg.focal_gamma)
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        value = age_distribution_loss(logits, y[:, 1], cfg.age_sigma, tuple(cfg.mean_variance))
-        if cfg.group_loss:
-            value = value + cfg.group_loss * F.nll_loss(model.decode(logits).clamp_min(1e-8).log(), y[:, 0])
-        return value
-
-    return loss
+        return make_loss(cfg.label_smoothing)
+    return lambda logits, y: age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
 
 
 def pick_device(name: str) -> torch.device:
@@ -327,14 +298,14 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             torch.manual_seed(member.seed + cfg.seed_offset)
             if member.arch == "face":  # pretrained: batch statistics from a sample of the training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
-            augment = AUGMENT_PRESETS["faces"](cfg.erase) if cfg.augment else None
+            augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
                                     seed=member.seed + cfg.seed_offset)
             fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, ema=cfg.ema, mixup=cfg.mixup, keep_last=cfg.keep_last)
+                name=member.name, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         if all_data:  # its answers on faces it never saw: its fold runs'
@@ -452,8 +423,11 @@ def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
                "max_members", "face_template", "oof_from", *also_ignored}
     defaults = to_jsonable(AgeTrainConfig())
 
+    def on(value) -> bool:  # a removed lever's value: 0, False, None or all zeros ([0.0, 0.0]) is off
+        return any(map(bool, value)) if isinstance(value, (list, tuple)) else bool(value)
+
     def trained_by(config: dict) -> dict:
-        return {k: v for k, v in {**defaults, **config}.items() if k not in ignored and (k in defaults or v)}
+        return {k: v for k, v in {**defaults, **config}.items() if k not in ignored and (k in defaults or on(v))}
 
     return trained_by(a) == trained_by(b)
 
