@@ -2,8 +2,8 @@
 validated once per recipe, the differences paired by fold and by face. Prints a table; writes bench/results/cv.json
 (one entry per member set, fold count and baseline recipe).
 
-    .venv/bin/python bench/cv.py --members face-age-frz --folds 3 \\
-        --recipe base= --recipe erase="--erase 0.5" --recipe mv="--mean-variance 0.2 0.05"
+    .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz --folds 3 \\
+        --recipe lr4="--keep-last --lr 4e-3" --recipe lr8="--keep-last --lr 8e-3"
 
 A recipe is NAME=ARGS: more `agegroup-train age` arguments on top of --preset and --members (the first recipe is
 the baseline the others are compared with). Each (recipe, fold) is one `agegroup-train age ... --folds K --fold i
@@ -13,6 +13,15 @@ member when there is one) on each fold, their mean and spread over the folds, an
 paired difference by fold and by face (the mean over all faces of data.csv, with its standard error). Where a
 recipe's runs kept their answers on the mirrored images, a row "NAME + mirror" scores the same ensemble averaged
 over each image and its mirror (what `tta_flip` puts in the graph), paired with the baseline alike.
+
+A subset is NAME=RECIPE:MEMBER,MEMBER,...: those members of a recipe's fold runs averaged with equal weights,
+trained on nothing more, so that member sets are chosen out of fold from one sweep (its minutes per fold are
+its members' own). `--base NAME` pairs every row with that row instead of the first recipe:
+
+    .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz face-age-frz-ml --folds 3 \\
+        --recipe lr4x="--keep-last --lr 4e-3" --base three \\
+        --subset three=lr4x:face-age-c85,face-age-frz3,face-age-frz \\
+        --subset four=lr4x:face-age-c85,face-age-frz3,face-age-frz,face-age-frz-ml
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
     """Train (or reuse) one recipe on one fold; its fitted ensemble's validation answers, face by face (None for
     a run not finished yet with --report-only), and under "mirror" the same ensemble averaged over each image
     and its mirror (None for a run made before runs kept their mirrored answers)."""
-    out = REPO / "runs" / args.name / recipe / f"fold{fold}"
+    out = fold_dir(args, recipe, fold)
     if not (out / "summary.json").is_file():
         if args.report_only:
             return None
@@ -52,10 +61,35 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     summary = torch.load(out / "ensemble.pt", weights_only=False)
-    answers = [(m["weight"], summary["member_val"][m["name"]]) for m in summary["members"]]
+    return weighted(summary, [(m["weight"], m["name"]) for m in summary["members"]], fold,
+                    float(summary["train_seconds"]))
+
+
+def run_subset(args, recipe: str, members: list[str], fold: int) -> dict | None:
+    """A recipe's fold run scored on some of its members with equal weights (None for a run not finished)."""
+    out = fold_dir(args, recipe, fold)
+    if not (out / "summary.json").is_file():
+        return None
+    summary = torch.load(out / "ensemble.pt", weights_only=False)
+    missing = sorted(set(members) - set(summary["member_val"]))
+    if missing:
+        raise SystemExit(f"bench/cv.py: {out} did not train {', '.join(missing)}")
+    seconds = sum(float(torch.load(out / f"member-{name}.pt", weights_only=False, map_location="cpu")["train_seconds"])
+                  for name in members)
+    return weighted(summary, [(1 / len(members), name) for name in members], fold, seconds)
+
+
+def fold_dir(args, recipe: str, fold: int) -> Path:
+    return REPO / "runs" / args.name / recipe / f"fold{fold}"
+
+
+def weighted(summary: dict, weights: list[tuple[float, str]], fold: int, train_seconds: float) -> dict:
+    """The (weight, member name) ensemble of a fold run scored on its validation faces, and over the mirror."""
+    answers = [(w, summary["member_val"][name]) for w, name in weights]
     result = score(summary, [(w, a["probs"], a["ages"]) for w, a in answers])
-    result.update(fold=fold, train_seconds=float(summary["train_seconds"]),
-                  members={m["name"]: m["val_accuracy"] for m in summary["members"]}, mirror=None)
+    result.update(fold=fold, train_seconds=train_seconds, mirror=None,
+                  members={name: float((summary["member_val"][name]["probs"].argmax(1) == summary["val_targets"])
+                                       .mean()) for _, name in weights})
     if all(a.get("mirrored_probs") is not None for _, a in answers):
         result["mirror"] = score(summary, [(w, (a["probs"] + a["mirrored_probs"]) / 2,
                                             (a["ages"] + a["mirrored_ages"]) / 2) for w, a in answers])
@@ -92,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=ARGS",
                         help="a recipe: its name and its extra agegroup-train arguments (the first is the baseline)")
+    parser.add_argument("--subset", action="append", default=[], metavar="NAME=RECIPE:MEMBER,...",
+                        help="also score these members of a recipe's fold runs, equal weights, nothing trained")
+    parser.add_argument("--base", help="the row every other is paired with (default: the first recipe)")
     parser.add_argument("--name", default="cv", help="runs/<name>/ holds the runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "cv.json")
     parser.add_argument("--report-only", action="store_true",
@@ -99,14 +136,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
     results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
+    subsets = {name: spec for name, _, spec in (s.partition("=") for s in args.subset)}
+    for name, spec in subsets.items():
+        recipe, _, members = spec.partition(":")
+        if recipe not in recipes or not members:
+            parser.error(f"--subset {name}={spec}: give RECIPE:MEMBER,... with one of the recipes {', '.join(recipes)}")
+        results[name] = [run_subset(args, recipe, members.split(","), k) for k in range(args.folds)]
+        recipes[name] = [f"{recipe}: {members.replace(',', ' ')}, equal weights"]
     results = {name: folds for name, folds in results.items() if None not in folds}
     for name, folds in list(results.items()):  # each recipe's ensemble over the mirror too, where its runs kept it
         if all(f["mirror"] is not None for f in folds):
             results[f"{name} + mirror"] = [{**f, **f["mirror"]} for f in folds]
             recipes[f"{name} + mirror"] = recipes[name]
+            if name in subsets:
+                subsets[f"{name} + mirror"] = subsets[name]
     if not results:
         raise SystemExit("bench/cv.py: no recipe has all its folds finished yet")
-    base_name = next(iter(results))
+    base_name = args.base or next(iter(results))
+    if base_name not in results:
+        raise SystemExit(f"bench/cv.py: --base {base_name} is not a recipe or subset with all its folds finished")
     base = results[base_name]
     report = {"members": args.members, "folds": args.folds, "preset": args.preset, "recipes": {}}
     print(f"\n{args.folds}-fold cross-validation of {' '.join(args.members)} ({args.preset} preset)\n")
@@ -131,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['vs_base_by_face'][0]:+.2f} ± {row['vs_base_by_face'][1]:.2f} (SE)") \
             if name != base_name else ("", "")
         by_fold = ", ".join(f"{100 * f['accuracy']:.1f}" for f in folds)
-        print(f"| {name} | {shlex.join(recipes[name])} | {by_fold} | {acc[0]:.2f} ± {acc[1]:.2f} | "
+        shown = recipes[name][0] if name in subsets else shlex.join(recipes[name])
+        print(f"| {name} | {shown} | {by_fold} | {acc[0]:.2f} ± {acc[1]:.2f} | "
               f"{f1[0]:.2f} ± {f1[1]:.2f} | {mae[0]:.2f} ± {mae[1]:.2f} | {paired[0]} | {paired[1]} | "
               f"{row['train_minutes_per_fold']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
