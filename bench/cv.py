@@ -18,10 +18,11 @@ A subset is NAME=RECIPE:MEMBER,MEMBER,...: those members of a recipe's fold runs
 trained on nothing more, so that member sets are chosen out of fold from one sweep (its minutes per fold are
 its members' own). `--base NAME` pairs every row with that row instead of the first recipe:
 
-    .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz face-age-frz-ml --folds 3 \\
-        --recipe lr4x="--keep-last --lr 4e-3" --base three \\
+    .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz face-age-frz-ml face-age-frz-c85 \\
+        --folds 3 --recipe lr4x="--keep-last --lr 4e-3" --base three \\
         --subset three=lr4x:face-age-c85,face-age-frz3,face-age-frz \\
-        --subset four=lr4x:face-age-c85,face-age-frz3,face-age-frz,face-age-frz-ml
+        --subset four=lr4x:face-age-c85,face-age-frz3,face-age-frz,face-age-frz-ml \\
+        --subset frozen3=lr4x:face-age-frz3,face-age-frz,face-age-frz-ml
 """
 
 from __future__ import annotations
