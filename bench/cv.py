@@ -137,20 +137,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
     results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
-    subsets = {name: spec for name, _, spec in (s.partition("=") for s in args.subset)}
-    for name, spec in subsets.items():
+    shown = {name: shlex.join(extra) for name, extra in recipes.items()}  # each row's args column
+    for name, _, spec in (s.partition("=") for s in args.subset):
         recipe, _, members = spec.partition(":")
         if recipe not in recipes or not members:
             parser.error(f"--subset {name}={spec}: give RECIPE:MEMBER,... with one of the recipes {', '.join(recipes)}")
         results[name] = [run_subset(args, recipe, members.split(","), k) for k in range(args.folds)]
-        recipes[name] = [f"{recipe}: {members.replace(',', ' ')}, equal weights"]
+        shown[name] = f"{recipe}: {members.replace(',', ' ')}, equal weights"
+        recipes[name] = [shown[name]]
     results = {name: folds for name, folds in results.items() if None not in folds}
     for name, folds in list(results.items()):  # each recipe's ensemble over the mirror too, where its runs kept it
         if all(f["mirror"] is not None for f in folds):
             results[f"{name} + mirror"] = [{**f, **f["mirror"]} for f in folds]
-            recipes[f"{name} + mirror"] = recipes[name]
-            if name in subsets:
-                subsets[f"{name} + mirror"] = subsets[name]
+            recipes[f"{name} + mirror"], shown[f"{name} + mirror"] = recipes[name], shown[name]
     if not results:
         raise SystemExit("bench/cv.py: no recipe has all its folds finished yet")
     base_name = args.base or next(iter(results))
@@ -180,8 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['vs_base_by_face'][0]:+.2f} ± {row['vs_base_by_face'][1]:.2f} (SE)") \
             if name != base_name else ("", "")
         by_fold = ", ".join(f"{100 * f['accuracy']:.1f}" for f in folds)
-        shown = recipes[name][0] if name in subsets else shlex.join(recipes[name])
-        print(f"| {name} | {shown} | {by_fold} | {acc[0]:.2f} ± {acc[1]:.2f} | "
+        print(f"| {name} | {shown[name]} | {by_fold} | {acc[0]:.2f} ± {acc[1]:.2f} | "
               f"{f1[0]:.2f} ± {f1[1]:.2f} | {mae[0]:.2f} ± {mae[1]:.2f} | {paired[0]} | {paired[1]} | "
               f"{row['train_minutes_per_fold']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
