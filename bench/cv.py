@@ -16,7 +16,10 @@ over each image and its mirror (what `tta_flip` puts in the graph), paired with 
 
 A subset is NAME=RECIPE:MEMBER,MEMBER,...: those members of a recipe's fold runs averaged with equal weights,
 trained on nothing more, so that member sets are chosen out of fold from one sweep (its minutes per fold are
-its members' own). `--base NAME` pairs every row with that row instead of the first recipe:
+its members' own). A member may name its own recipe (lr4x:face-age-c85,lr8f:face-age-frz3,face-age-frz: a member
+without one takes the recipe before it), so members trained at different settings are averaged too; a recipe
+there trains only with --members that hold its members. `--base NAME` pairs every row with that row instead of
+the first recipe:
 
     .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz face-age-frz-ml face-age-frz-c85 \\
         --folds 3 --recipe lr4x="--keep-last --lr 4e-3" --base three \\
@@ -66,18 +69,36 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
                     float(summary["train_seconds"]))
 
 
-def run_subset(args, recipe: str, members: list[str], fold: int) -> dict | None:
-    """A recipe's fold run scored on some of its members with equal weights (None for a run not finished)."""
-    out = fold_dir(args, recipe, fold)
-    if not (out / "summary.json").is_file():
-        return None
-    summary = torch.load(out / "ensemble.pt", weights_only=False)
-    missing = sorted(set(members) - set(summary["member_val"]))
+def run_subset(args, picks: list[tuple[str, str]], fold: int) -> dict | None:
+    """(recipe, member) picks of one or more recipes' fold runs, scored with equal weights (None for a run not
+    finished). Members are named by themselves where one recipe gives them all, else RECIPE:MEMBER."""
+    runs = {}
+    for recipe in dict.fromkeys(r for r, _ in picks):
+        out = fold_dir(args, recipe, fold)
+        if not (out / "summary.json").is_file():
+            return None
+        runs[recipe] = (out, torch.load(out / "ensemble.pt", weights_only=False))
+    (_, first), *others = runs.values()
+    if any(list(s["val_index"]) != list(first["val_index"]) for _, s in others):
+        raise SystemExit(f"bench/cv.py: fold {fold} of {', '.join(runs)} validated different faces")
+    missing = [f"{r}:{m}" for r, m in picks if m not in runs[r][1]["member_val"]]
     if missing:
-        raise SystemExit(f"bench/cv.py: {out} did not train {', '.join(missing)}")
-    seconds = sum(float(torch.load(out / f"member-{name}.pt", weights_only=False, map_location="cpu")["train_seconds"])
-                  for name in members)
-    return weighted(summary, [(1 / len(members), name) for name in members], fold, seconds)
+        raise SystemExit(f"bench/cv.py: fold {fold}'s runs did not train {', '.join(missing)}")
+    key = (lambda r, m: m) if len(runs) == 1 else (lambda r, m: f"{r}:{m}")
+    merged = {**first, "member_val": {key(r, m): runs[r][1]["member_val"][m] for r, m in picks}}
+    seconds = sum(float(torch.load(runs[r][0] / f"member-{m}.pt", weights_only=False, map_location="cpu")
+                        ["train_seconds"]) for r, m in picks)
+    return weighted(merged, [(1 / len(picks), key(r, m)) for r, m in picks], fold, seconds)
+
+
+def subset_picks(spec: str) -> list[tuple[str, str]]:
+    """RECIPE:MEMBER,MEMBER,RECIPE2:MEMBER,... -> [(recipe, member)]: a member without a recipe takes the one
+    before it."""
+    picks, recipe = [], ""
+    for item in spec.split(","):
+        recipe, _, member = item.rpartition(":") if ":" in item else (recipe, "", item)
+        picks.append((recipe, member))
+    return picks
 
 
 def fold_dir(args, recipe: str, fold: int) -> Path:
@@ -139,11 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
     shown = {name: shlex.join(extra) for name, extra in recipes.items()}  # each row's args column
     for name, _, spec in (s.partition("=") for s in args.subset):
-        recipe, _, members = spec.partition(":")
-        if recipe not in recipes or not members:
-            parser.error(f"--subset {name}={spec}: give RECIPE:MEMBER,... with one of the recipes {', '.join(recipes)}")
-        results[name] = [run_subset(args, recipe, members.split(","), k) for k in range(args.folds)]
-        shown[name] = f"{recipe}: {members.replace(',', ' ')}, equal weights"
+        picks = subset_picks(spec)
+        if any(r not in recipes or not m for r, m in picks):
+            parser.error(f"--subset {name}={spec}: give RECIPE:MEMBER,... with recipes among {', '.join(recipes)}")
+        results[name] = [run_subset(args, picks, k) for k in range(args.folds)]
+        shown[name] = "; ".join(f"{r}: {' '.join(m for rr, m in picks if rr == r)}"
+                                for r in dict.fromkeys(r for r, _ in picks)) + ", equal weights"
         recipes[name] = [shown[name]]
     results = {name: folds for name, folds in results.items() if None not in folds}
     for name, folds in list(results.items()):  # each recipe's ensemble over the mirror too, where its runs kept it
