@@ -19,7 +19,7 @@ trained on nothing more, so that member sets are chosen out of fold from one swe
 its members' own). A member may name its own recipe (lr4x:face-age-c85,lr8f:face-age-frz3,face-age-frz: a member
 without one takes the recipe before it), so members trained at different settings are averaged too; a recipe
 there trains only with --members that hold its members. `--base NAME` pairs every row with that row instead of
-the first recipe:
+the first recipe, and `--only-folds 0` scores a sweep stopped after its first fold (every row on its faces):
 
     .venv/bin/python bench/cv.py --members face-age-c85 face-age-frz3 face-age-frz face-age-frz-ml face-age-frz-c85 \\
         --folds 3 --recipe lr4x="--keep-last --lr 4e-3" --base three \\
@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a recipe: its name and its extra agegroup-train arguments (the first is the baseline)")
     parser.add_argument("--subset", action="append", default=[], metavar="NAME=RECIPE:MEMBER,...",
                         help="also score these members of a recipe's fold runs, equal weights, nothing trained")
+    parser.add_argument("--only-folds", type=int, nargs="+", metavar="K",
+                        help="train and score only these folds (a sweep stopped early): every row on the same faces")
     parser.add_argument("--base", help="the row every other is paired with (default: the first recipe)")
     parser.add_argument("--name", default="cv", help="runs/<name>/ holds the runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "cv.json")
@@ -157,13 +159,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="train nothing: report the recipes whose folds are all finished (a sweep still running)")
     args = parser.parse_args(argv)
     recipes = dict((name, shlex.split(extra)) for name, _, extra in (r.partition("=") for r in args.recipe))
-    results = {name: [run_fold(args, name, extra, k) for k in range(args.folds)] for name, extra in recipes.items()}
+    fold_ids = args.only_folds or list(range(args.folds))
+    results = {name: [run_fold(args, name, extra, k) for k in fold_ids] for name, extra in recipes.items()}
     shown = {name: shlex.join(extra) for name, extra in recipes.items()}  # each row's args column
     for name, _, spec in (s.partition("=") for s in args.subset):
         picks = subset_picks(spec)
         if any(r not in recipes or not m for r, m in picks):
             parser.error(f"--subset {name}={spec}: give RECIPE:MEMBER,... with recipes among {', '.join(recipes)}")
-        results[name] = [run_subset(args, picks, k) for k in range(args.folds)]
+        results[name] = [run_subset(args, picks, k) for k in fold_ids]
         shown[name] = "; ".join(f"{r}: {' '.join(m for rr, m in picks if rr == r)}"
                                 for r in dict.fromkeys(r for r, _ in picks)) + ", equal weights"
         recipes[name] = [shown[name]]
@@ -178,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     if base_name not in results:
         raise SystemExit(f"bench/cv.py: --base {base_name} is not a recipe or subset with all its folds finished")
     base = results[base_name]
+    scored = "" if len(fold_ids) == args.folds else f", scored on fold {', '.join(map(str, fold_ids))} only"
     report = {"members": args.members, "folds": args.folds, "preset": args.preset, "recipes": {}}
-    print(f"\n{args.folds}-fold cross-validation of {' '.join(args.members)} ({args.preset} preset)\n")
+    if scored:
+        report["scored_folds"] = fold_ids
+    print(f"\n{args.folds}-fold cross-validation of {' '.join(args.members)} ({args.preset} preset{scored})\n")
     print("| recipe | args | accuracy by fold | accuracy | macro-F1 | age MAE (y) | vs " + base_name
           + ", by fold | vs " + base_name + ", by face | train min/fold |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['train_minutes_per_fold']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    log[f"{' '.join(args.members)} / {args.folds} folds / against {base_name}"] = report  # one entry a baseline
+    log[f"{' '.join(args.members)} / {args.folds} folds{scored} / against {base_name}"] = report  # one a baseline
     args.out.write_text(json.dumps(log, indent=2) + "\n")
     print(f"wrote {args.out}")
 
