@@ -81,13 +81,10 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Train-only augmentation of a float (B, 3, H, W) batch of 0-255 pixels: random flip, rotation, shift and
-    scale, and with `color` > 0 brightness, contrast and saturation each scaled by a factor in [1 - color,
-    1 + color] (drawn only then, so that a run without it draws the same numbers as before it existed)."""
+    """Train-only augmentation of a float (B, 3, H, W) batch: random flip, rotation, shift and scale."""
 
-    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0,
-                 color: float = 0.0):
-        self.flip, self.degrees, self.shift, self.scale, self.color = flip, degrees, shift, scale, color
+    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0):
+        self.flip, self.degrees, self.shift, self.scale = flip, degrees, shift, scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -100,19 +97,11 @@ class BatchAugment:
         theta[:, 1, 0], theta[:, 1, 1] = sin * mirror, cos
         theta[:, :, 2] = (torch.rand(b, 2) * 2 - 1) * 2 * self.shift
         grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return self.recolour(x) if self.color > 0 else x
-
-    def recolour(self, x: torch.Tensor) -> torch.Tensor:
-        brightness, contrast, saturation = (1 + (torch.rand(3, x.shape[0], 1, 1, 1) * 2 - 1) * self.color).to(x.device)
-        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        x = gray + (x - gray) * saturation
-        x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * contrast
-        return (x * brightness).clamp(0, 255)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 AUGMENT_PRESETS = {
-    "faces": lambda color=0.0: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08, color=color),
+    "faces": lambda: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08),
     "stl10": lambda: BatchAugment(flip=True, degrees=10.0),  # the course report's flips and +-10 degrees
 }
 
