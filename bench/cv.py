@@ -72,22 +72,21 @@ def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
 def run_subset(args, picks: list[tuple[str, str]], fold: int) -> dict | None:
     """(recipe, member) picks of one or more recipes' fold runs, scored with equal weights (None for a run not
     finished). Members are named by themselves where one recipe gives them all, else RECIPE:MEMBER."""
-    runs = {}
+    runs = {}  # recipe -> its fold run's ensemble.pt
     for recipe in dict.fromkeys(r for r, _ in picks):
-        out = fold_dir(args, recipe, fold)
-        if not (out / "summary.json").is_file():
+        if not (fold_dir(args, recipe, fold) / "summary.json").is_file():
             return None
-        runs[recipe] = (out, torch.load(out / "ensemble.pt", weights_only=False))
-    (_, first), *others = runs.values()
-    if any(list(s["val_index"]) != list(first["val_index"]) for _, s in others):
+        runs[recipe] = torch.load(fold_dir(args, recipe, fold) / "ensemble.pt", weights_only=False)
+    first, *others = runs.values()
+    if any(list(s["val_index"]) != list(first["val_index"]) for s in others):
         raise SystemExit(f"bench/cv.py: fold {fold} of {', '.join(runs)} validated different faces")
-    missing = [f"{r}:{m}" for r, m in picks if m not in runs[r][1]["member_val"]]
+    missing = [f"{r}:{m}" for r, m in picks if m not in runs[r]["member_val"]]
     if missing:
         raise SystemExit(f"bench/cv.py: fold {fold}'s runs did not train {', '.join(missing)}")
     key = (lambda r, m: m) if len(runs) == 1 else (lambda r, m: f"{r}:{m}")
-    merged = {**first, "member_val": {key(r, m): runs[r][1]["member_val"][m] for r, m in picks}}
-    seconds = sum(float(torch.load(runs[r][0] / f"member-{m}.pt", weights_only=False, map_location="cpu")
-                        ["train_seconds"]) for r, m in picks)
+    merged = {**first, "member_val": {key(r, m): runs[r]["member_val"][m] for r, m in picks}}
+    seconds = sum(float(torch.load(fold_dir(args, r, fold) / f"member-{m}.pt", weights_only=False,
+                                   map_location="cpu")["train_seconds"]) for r, m in picks)
     return weighted(merged, [(1 / len(picks), key(r, m)) for r, m in picks], fold, seconds)
 
 
