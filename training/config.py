@@ -30,8 +30,9 @@ class MemberConfig:
     name: str
     dropout: tuple[float, ...] = (0.0,) * 8  # vgg only: dropout rate after each of the 8 conv blocks (0 = none)
     seed: int = 0  # initialisation and shuffling seed, so members differ even when dropout does not
-    arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages) or "face" (dlib's
-    # face-recognition ResNet, started from its published weights; training.dlib_weights)
+    arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages), "face" (dlib's
+    # face-recognition ResNet, started from its published weights; training.dlib_weights) or "lite"
+    # (EfficientNet-Lite0 started from its ImageNet weights; training.lite_weights)
     width: int = 32  # resnet only: channels of the first stage, doubled at every later stage
     depth: tuple[int, ...] = (1, 1, 1, 1)  # resnet only: basic blocks per stage
     target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
@@ -39,7 +40,7 @@ class MemberConfig:
     head_dropout: float = 0.5  # dropout before the head's last layer
     crop: float = 1.0  # share of the image side kept, centred, and resized to the member's input size (a framing)
     backbone_lr: float = 1.0  # the backbone's learning rate as a share of the run's (pretrained backbones: < 1)
-    freeze: int = 0  # face: the stem and this many residual stages keep their pretrained weights
+    freeze: int = 0  # face, lite: the stem and this many stages keep their pretrained weights
     input_size: int = 0  # side in pixels the network sees (0 = the run's input size). The graph takes the run's
     # size; a member whose framed window is larger than its own side is shrunk inside the graph, antialiased as
     # Pillow's bilinear resize does, so members of different sizes share one input
@@ -86,6 +87,10 @@ FACE_MEMBERS = (
     # at the crop window's own resolution in a 200 px run (184 and 170 px: no resampling at all)
     MemberConfig("face-age-n92-frz", seed=31, target="age", crop=0.92, freeze=2, **{**FACE, "input_size": 184}),
     MemberConfig("face-age-n85", seed=32, target="age", crop=0.85, **{**FACE, "input_size": 170}),
+    # EfficientNet-Lite0 from ImageNet (a different starting point from dlib's): full fine-tune, the backbone at
+    # 0.3x the head's rate (ImageNet features are further from faces than dlib's), or stem and 3 stages frozen
+    MemberConfig("lite-age", seed=36, target="age", **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
+    MemberConfig("lite-age-frz3", seed=37, target="age", freeze=3, **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),

@@ -15,6 +15,7 @@ from torch import nn
 
 from training.config import AGE_GROUPS, AGES, GENDERS, RACES, MemberConfig, group_of_age, member_by_name
 from training.dlib_weights import BN_EPS, STAGES, STEM_CHANNELS  # dlib's layout (one way: it imports nothing here)
+from training.lite_weights import LITE_BN_EPS, LITE_HEAD, LITE_STAGES, LITE_STEM  # EfficientNet-Lite0's (likewise)
 
 CHANNELS = (32, 32, 64, 64, 128, 128, 256, 256)  # output channels of the course design's 8 conv blocks
 MIN_POOLED_SIDE = 2  # a block max-pools only if the map stays at least this wide afterwards
@@ -170,6 +171,72 @@ class FaceResNet(nn.Module):
         return self.descriptor(self(x).mean(dim=(2, 3)))
 
 
+def same_padding(side: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one axis (before, after): the extra pixel, if any, goes after."""
+    total = max((-(-side // stride) - 1) * stride + kernel - side, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv(nn.Conv2d):
+    """A bias-free convolution padded as TensorFlow's "SAME" (EfficientNet-Lite's weights were trained so): a
+    strided one on an even side pads one pixel more after than before, which Conv2d's symmetric padding cannot
+    say, so that case pads explicitly. Sizes are static, so the export traces plain integers."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(c_in, c_out, kernel, stride, 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (top, bottom), (left, right) = (same_padding(int(x.shape[d]), self.kernel_size[0], self.stride[0])
+                                        for d in (2, 3))
+        if top == bottom and left == right:
+            return F.conv2d(x, self.weight, None, self.stride, (top, left), 1, self.groups)
+        return super().forward(F.pad(x, (left, right, top, bottom)))
+
+
+class LiteBlock(nn.Module):
+    """EfficientNet-Lite's inverted residual: 1x1 expansion, depthwise kxk, 1x1 projection (no squeeze-excite),
+    ReLU6 after the first two; the input added back where the shape is unchanged."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        wide = c_in * expand
+        if expand != 1:
+            self.expand = SameConv(c_in, wide, 1)
+            self.expand_norm = nn.BatchNorm2d(wide, eps=LITE_BN_EPS)
+        self.depthwise = SameConv(wide, wide, kernel, stride, groups=wide)
+        self.depthwise_norm = nn.BatchNorm2d(wide, eps=LITE_BN_EPS)
+        self.project = SameConv(wide, c_out, 1)
+        self.project_norm = nn.BatchNorm2d(c_out, eps=LITE_BN_EPS)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.expand_norm(self.expand(x))) if hasattr(self, "expand") else x
+        y = self.project_norm(self.project(F.relu6(self.depthwise_norm(self.depthwise(y)))))
+        return x + y if self.residual else y
+
+
+class LiteNet(nn.Module):
+    """EfficientNet-Lite0 (4.0 M parameters without its classifier): a 3x3/2 stem, seven stages of inverted
+    residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from training.lite_weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(SameConv(3, LITE_STEM, 3, 2), nn.BatchNorm2d(LITE_STEM, eps=LITE_BN_EPS),
+                                  nn.ReLU6(inplace=True))
+        stages, c_in = [], LITE_STEM
+        for blocks, kernel, stride, expand, c_out in LITE_STAGES:
+            stages.append(nn.Sequential(*(LiteBlock(c_in if b == 0 else c_out, c_out, kernel,
+                                                    stride if b == 0 else 1, expand) for b in range(blocks))))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(SameConv(c_in, LITE_HEAD, 1), nn.BatchNorm2d(LITE_HEAD, eps=LITE_BN_EPS),
+                                  nn.ReLU6(inplace=True))
+        self.stage_channels = (LITE_HEAD,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))  # (B, 1280, h, w)
+
+
 def antialias_matrix(source: int, size: int) -> torch.Tensor:
     """(size, source) the linear map of a 1-D antialiased bilinear resize (torch's, which matches Pillow's
     BILINEAR within a grey level), read off by resizing the unit vectors; ONNX has no antialiased Resize in the
@@ -211,14 +278,15 @@ class AgeCNN(nn.Module):
             self.features, channels = vgg_features(input_size, dropout)
         elif arch == "resnet":
             self.features, channels = resnet_features(width, depth)
-        elif arch == "face":
-            self.features = FaceResNet()
+        elif arch in ("face", "lite"):
+            self.features = FaceResNet() if arch == "face" else LiteNet()
             channels = sum(self.features.stage_channels[-levels:])
-            self.features.descriptor.requires_grad_(False)
+            if arch == "face":
+                self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
         else:
-            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet or face")
+            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face or lite")
         self.pool = nn.AdaptiveAvgPool2d(1)  # identity-sized at 224 px with vgg; averages any map to 1x1
         outputs = {"group": len(AGE_GROUPS), "age": len(AGES)}[target]
         self.head = nn.Sequential(
@@ -311,7 +379,7 @@ class AgeCNN(nn.Module):
     def train(self, mode: bool = True):
         """Frozen stages keep their BatchNorm statistics too (eval mode), so they stay the pretrained ones."""
         super().train(mode)
-        if mode and isinstance(self.features, FaceResNet):
+        if mode and isinstance(self.features, (FaceResNet, LiteNet)):
             for module in [self.features.stem, *self.features.stages]:
                 if not any(p.requires_grad for p in module.parameters()):
                     module.eval()
@@ -411,7 +479,8 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
     the graph's); it sees them at its own `input_size` where the config names one.
 
     `pretrained` starts a "face" backbone from dlib's published weights, normalised as dlib normalises
-    ((x - its channel means) / 256) instead of with `mean` and `std`; a checkpoint restores both anyway."""
+    ((x - its channel means) / 256), and a "lite" one from EfficientNet-Lite0's ImageNet weights ((x - 127) /
+    128), instead of with `mean` and `std`; a checkpoint restores both anyway."""
     if isinstance(member, str):
         member = member_by_name(member)
     elif isinstance(member, dict):
@@ -421,12 +490,16 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
 
         state, settings = dlib_state_dict()
         mean, std = settings["means"], (256.0,) * 3
+    elif pretrained and member.arch == "lite":
+        from training.lite_weights import LITE_MEAN, LITE_STD, lite_state_dict
+
+        state, mean, std = lite_state_dict(), (LITE_MEAN,) * 3, (LITE_STD,) * 3
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
                    backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size,
                    levels=member.levels)
-    if pretrained and member.arch == "face":
+    if pretrained and member.arch in ("face", "lite"):
         model.features.load_state_dict(state)
     return model
 

@@ -296,7 +296,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             model.load_state_dict(previous["state_dict"])
         else:
             torch.manual_seed(member.seed + cfg.seed_offset)
-            if member.arch == "face":  # pretrained: batch statistics from a sample of the training images
+            if member.arch in ("face", "lite"):  # pretrained: batch statistics from a sample of training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
@@ -394,12 +394,17 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
 
 @functools.lru_cache(maxsize=None)  # hashes a 22 MB file: once per run, not once per member
 def starting_weights(arch: str) -> dict:
-    """Where a member's weights start: dlib's file (name, sha256, license) for "face", else random init."""
-    if arch != "face":
-        return {"name": "random initialisation"}
-    from training.dlib_weights import find_weights_file, provenance
+    """Where a member's weights start: dlib's file for "face", EfficientNet-Lite0's for "lite" (name, sha256,
+    license), else random init."""
+    if arch == "face":
+        from training.dlib_weights import find_weights_file, provenance
 
-    return provenance(find_weights_file())
+        return provenance(find_weights_file())
+    if arch == "lite":
+        from training.lite_weights import find_lite_file, lite_provenance
+
+        return lite_provenance(find_lite_file())
+    return {"name": "random initialisation"}
 
 
 def write_face_template(paths: list[str], out_dir: Path) -> dict:
