@@ -176,7 +176,7 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
     pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
     overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
     # Depthwise convolutions (one input channel a filter) run in MLAS's own kernel, which accumulates in 32 bits:
-    # no saturation to avoid, and 7-bit weights move a quarter of an EfficientNet-Lite0 member's labels alone.
+    # no saturation to avoid, and 7-bit weights there cost a Lite0 member 5 % of its labels (89.3 against 94.7 %).
     depthwise = [n for n in model.graph.node if n.op_type == "Conv" and n.name in keep and group_of(n) > 1]
     overrides.update({n.input[1]: [{"reduce_range": False, "axis": 0}] for n in depthwise})  # per output channel
     extra = {"CalibPercentile": 99.999, "TensorQuantOverrides": overrides}
