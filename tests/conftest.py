@@ -18,6 +18,15 @@ def face_pixels(side: int) -> np.ndarray:
     return np.asarray(Image.open(FACE_IMAGE).convert("RGB").resize((side, side), Image.BILINEAR))
 
 
+def random_faces(n: int, seed: int, side: int = 32):
+    """n random side x side images with random gender, race, label and age: training.quantize.Faces."""
+    from training.quantize import Faces
+
+    rng = np.random.default_rng(seed)
+    return Faces(rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8), rng.integers(0, 2, n),
+                 rng.integers(0, 5, n), rng.integers(0, 5, n), rng.uniform(10, 60, n))
+
+
 def make_face_folder(root: Path, rows_per_class: int = ROWS_PER_CLASS, side: int = 64, seed: int = 0) -> Path:
     """data.csv + testdata.csv + JPEGs of one real face whose brightness and tint depend on the label, so the
     labels are learnable and the face detector still finds a face in every image."""

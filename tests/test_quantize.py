@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import random_faces
 from torch import nn
 
 from training.export import ExportError, export_graph, quantize_export
-from training.quantize import Faces, QuantSettings, fold_input_normalization, quantize_graph
+from training.quantize import QuantSettings, fold_input_normalization, quantize_graph
 
 TINY = QuantSettings(images=32)
 
@@ -116,19 +117,13 @@ def toy_graph(tmp_path_factory):
     return path
 
 
-def toy_faces(n: int, seed: int) -> Faces:
-    rng = np.random.default_rng(seed)
-    return Faces(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 2, n), rng.integers(0, 5, n),
-                 rng.integers(0, 5, n), rng.uniform(10, 60, n))
-
-
 def test_folding_the_normalisation_keeps_the_function(toy_graph, tmp_path):
     model = onnx.load(str(toy_graph))
     raw, scaled = fold_input_normalization(model)
     assert len(raw) == 1 and not scaled  # the unpadded first convolution takes the mean into its bias
     assert not [n for n in model.graph.node if n.op_type in ("Sub", "Div")]
     onnx.save(model, str(tmp_path / "folded.onnx"))
-    feed = toy_faces(5, 1).feeds()[0]
+    feed = random_faces(5, 1).feeds()[0]
     (before, _), (after, _) = run(toy_graph, feed), run(tmp_path / "folded.onnx", feed)
     assert np.abs(before - after).max() < 1e-5
 
@@ -143,14 +138,14 @@ def test_a_padded_first_convolution_keeps_its_mean_subtraction(toy_graph, tmp_pa
     raw, scaled = fold_input_normalization(model)
     assert not raw and len(scaled) == 1  # zero padding stands for the mean only after the subtraction
     onnx.save(model, str(tmp_path / "folded.onnx"))
-    feed = toy_faces(5, 2).feeds()[0]
+    feed = random_faces(5, 2).feeds()[0]
     (before, _), (after, _) = run(tmp_path / "padded.onnx", feed), run(tmp_path / "folded.onnx", feed)
     assert np.abs(before - after).max() < 1e-5
 
 
 def test_the_first_convolution_reads_the_uint8_pixels(toy_graph, tmp_path):
     out = tmp_path / "toy.int8.onnx"
-    steps = quantize_graph(onnx.load(str(toy_graph)), out, toy_faces(64, 3), TINY)
+    steps = quantize_graph(onnx.load(str(toy_graph)), out, random_faces(64, 3), TINY)
     assert steps == {"folded_convolutions": 1, "uint8_fed_convolutions": 1}
     model = onnx.load(str(out))
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -163,6 +158,6 @@ def test_the_first_convolution_reads_the_uint8_pixels(toy_graph, tmp_path):
         name = producers[name].input[0]
     assert name == "image" and set(chain) <= {"Transpose", "Slice", "Resize"} and "Resize" in chain, chain
     assert not [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] == "image"]
-    feed = toy_faces(16, 4).feeds()[0]
+    feed = random_faces(16, 4).feeds()[0]
     (p_float, l_float), (p_int8, l_int8) = run(toy_graph, feed), run(out, feed)
     assert np.abs(p_float - p_int8).max() < 0.05 and (l_float == l_int8).mean() >= 0.8
