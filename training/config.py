@@ -31,8 +31,8 @@ class MemberConfig:
     dropout: tuple[float, ...] = (0.0,) * 8  # vgg only: dropout rate after each of the 8 conv blocks (0 = none)
     seed: int = 0  # initialisation and shuffling seed, so members differ even when dropout does not
     arch: str = "vgg"  # "vgg" (the course design), "resnet" (strided stem, basic-block stages), "face" (dlib's
-    # face-recognition ResNet, started from its published weights; training.dlib_weights), "lite" or "lite1"
-    # (EfficientNet-Lite0 or -Lite1 started from its ImageNet weights; training.lite_weights)
+    # face-recognition ResNet, started from its published weights; training.dlib_weights) or "lite"
+    # (EfficientNet-Lite0 started from its ImageNet weights; training.lite_weights)
     width: int = 32  # resnet only: channels of the first stage, doubled at every later stage
     depth: tuple[int, ...] = (1, 1, 1, 1)  # resnet only: basic blocks per stage
     target: str = "group"  # "group": 5-way softmax; "age": 51 exact ages, trained on a Gaussian around the age
@@ -91,8 +91,6 @@ FACE_MEMBERS = (
     # 0.3x the head's rate (ImageNet features are further from faces than dlib's), or stem and 3 stages frozen
     MemberConfig("lite-age", seed=36, target="age", **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
     MemberConfig("lite-age-frz3", seed=37, target="age", freeze=3, **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
-    # EfficientNet-Lite1 likewise: Lite0 with 1.1x the blocks, same widths
-    MemberConfig("lite1-age-frz3", seed=38, target="age", freeze=3, **{**FACE, "arch": "lite1", "backbone_lr": 0.3}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),

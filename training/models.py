@@ -15,12 +15,10 @@ from torch import nn
 
 from training.config import AGE_GROUPS, AGES, GENDERS, RACES, MemberConfig, group_of_age, member_by_name
 from training.dlib_weights import BN_EPS, STAGES, STEM_CHANNELS  # dlib's layout (one way: it imports nothing here)
-from training.lite_weights import LITE_BN_EPS, LITE_HEAD, LITE_STEM, LITE_VARIANTS  # EfficientNet-Lite's (likewise)
+from training.lite_weights import LITE_BN_EPS, LITE_HEAD, LITE_STAGES, LITE_STEM  # EfficientNet-Lite0's (likewise)
 
 CHANNELS = (32, 32, 64, 64, 128, 128, 256, 256)  # output channels of the course design's 8 conv blocks
 MIN_POOLED_SIDE = 2  # a block max-pools only if the map stays at least this wide afterwards
-
-PRETRAINED_ARCHS = ("face", *LITE_VARIANTS)  # members that start from published weights
 
 
 class Normalize(nn.Module):
@@ -218,16 +216,15 @@ class LiteBlock(nn.Module):
 
 
 class LiteNet(nn.Module):
-    """EfficientNet-Lite0 or -Lite1 (3.4 M or 4.2 M parameters without the ImageNet classifier): a 3x3/2 stem,
-    seven stages of inverted residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from
-    training.lite_weights. `arch`: "lite" (Lite0) or "lite1"."""
+    """EfficientNet-Lite0 (3.4 M parameters without its ImageNet classifier): a 3x3/2 stem, seven stages of
+    inverted residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from training.lite_weights."""
 
-    def __init__(self, arch: str = "lite"):
+    def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(SameConv(3, LITE_STEM, 3, 2), nn.BatchNorm2d(LITE_STEM, eps=LITE_BN_EPS),
                                   nn.ReLU6(inplace=True))
         stages, c_in = [], LITE_STEM
-        for blocks, kernel, stride, expand, c_out in LITE_VARIANTS[arch].stages:
+        for blocks, kernel, stride, expand, c_out in LITE_STAGES:
             stages.append(nn.Sequential(*(LiteBlock(c_in if b == 0 else c_out, c_out, kernel,
                                                     stride if b == 0 else 1, expand) for b in range(blocks))))
             c_in = c_out
@@ -288,15 +285,15 @@ class AgeCNN(nn.Module):
             self.features, channels = vgg_features(input_size, dropout)
         elif arch == "resnet":
             self.features, channels = resnet_features(width, depth)
-        elif arch in PRETRAINED_ARCHS:
-            self.features = FaceResNet() if arch == "face" else LiteNet(arch)
+        elif arch in ("face", "lite"):
+            self.features = FaceResNet() if arch == "face" else LiteNet()
             channels = sum(self.features.stage_channels[-levels:])
             if arch == "face":
                 self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
         else:
-            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face, lite or lite1")
+            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face or lite")
         self.pool = nn.AdaptiveAvgPool2d(1)  # identity-sized at 224 px with vgg; averages any map to 1x1
         outputs = {"group": len(AGE_GROUPS), "age": len(AGES)}[target]
         self.head = nn.Sequential(
@@ -489,8 +486,8 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
     the graph's); it sees them at its own `input_size` where the config names one.
 
     `pretrained` starts a "face" backbone from dlib's published weights, normalised as dlib normalises
-    ((x - its channel means) / 256), and a "lite" or "lite1" one from EfficientNet-Lite0's or -Lite1's ImageNet
-    weights ((x - 127) / 128), instead of with `mean` and `std`; a checkpoint restores both anyway."""
+    ((x - its channel means) / 256), and a "lite" one from EfficientNet-Lite0's ImageNet weights ((x - 127) /
+    128), instead of with `mean` and `std`; a checkpoint restores both anyway."""
     if isinstance(member, str):
         member = member_by_name(member)
     elif isinstance(member, dict):
@@ -500,16 +497,16 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
 
         state, settings = dlib_state_dict()
         mean, std = settings["means"], (256.0,) * 3
-    elif pretrained and member.arch in LITE_VARIANTS:
+    elif pretrained and member.arch == "lite":
         from training.lite_weights import LITE_MEAN, LITE_STD, lite_state_dict
 
-        state, mean, std = lite_state_dict(arch=member.arch), (LITE_MEAN,) * 3, (LITE_STD,) * 3
+        state, mean, std = lite_state_dict(), (LITE_MEAN,) * 3, (LITE_STD,) * 3
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
                    backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size,
                    levels=member.levels)
-    if pretrained and member.arch in PRETRAINED_ARCHS:
+    if pretrained and member.arch in ("face", "lite"):
         model.features.load_state_dict(state)
     return model
 

@@ -47,8 +47,7 @@ from training.data import (
     to_nchw,
     validation_split,
 )
-from training.lite_weights import LITE_VARIANTS, find_lite_file, lite_provenance
-from training.models import PRETRAINED_ARCHS, Stl10MLP, age_distribution_loss, age_summary, build_member
+from training.models import Stl10MLP, age_distribution_loss, age_summary, build_member
 
 TEMPLATE_FILE = "face_template.json"
 CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
@@ -297,7 +296,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             model.load_state_dict(previous["state_dict"])
         else:
             torch.manual_seed(member.seed + cfg.seed_offset)
-            if member.arch in PRETRAINED_ARCHS:  # pretrained: batch statistics from a sample of training images
+            if member.arch in ("face", "lite"):  # pretrained: batch statistics from a sample of training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
@@ -395,14 +394,16 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
 
 @functools.lru_cache(maxsize=None)  # hashes a 22 MB file: once per run, not once per member
 def starting_weights(arch: str) -> dict:
-    """Where a member's weights start: dlib's file for "face", EfficientNet-Lite0's or -Lite1's for "lite" or
-    "lite1" (name, sha256, license), else random init."""
+    """Where a member's weights start: dlib's file for "face", EfficientNet-Lite0's for "lite" (name, sha256,
+    license), else random init."""
     if arch == "face":
         from training.dlib_weights import find_weights_file, provenance
 
         return provenance(find_weights_file())
-    if arch in LITE_VARIANTS:
-        return lite_provenance(find_lite_file(arch), arch)
+    if arch == "lite":
+        from training.lite_weights import find_lite_file, lite_provenance
+
+        return lite_provenance(find_lite_file())
     return {"name": "random initialisation"}
 
 
