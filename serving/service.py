@@ -30,7 +30,16 @@ from serving.face import FaceFinder, Framed, NoFace, prepare_face
 from serving.guard import Route, UploadGuard, error_response
 from serving.image import InputError, prepare_image
 from serving.lifecycle import exit_with_parent
-from serving.runtime import GENDER_NAMES, MODEL_DIR, RACE_NAMES, OnnxModel, describe, model_summary, serving_layout
+from serving.runtime import (
+    GENDER_NAMES,
+    MODEL_DIR,
+    RACE_NAMES,
+    OnnxModel,
+    describe,
+    model_summary,
+    serving_layout,
+    spinning,
+)
 
 log = logging.getLogger("bentoml.agegroup")  # under bentoml's handlers when served
 
@@ -87,7 +96,8 @@ class AgeGroup:
         self.age = OnnxModel(AGE_MODEL, threads=LAYOUT.threads)
         # A request alone in this worker (light load) runs on all of the worker's cores, so its latency is the
         # model's best; under load, each batch keeps to LAYOUT.threads and batches run side by side.
-        self.age_alone = (OnnxModel(AGE_MODEL, threads=LAYOUT.alone_threads, quiet=True)  # same file: logged once
+        self.age_alone = (OnnxModel(AGE_MODEL, threads=LAYOUT.alone_threads, quiet=True,  # same file: logged once
+                                    spin=spinning(alone=True))
                           if LAYOUT.alone_threads > LAYOUT.threads else self.age)
         self.in_flight = 0  # /predict requests this worker is decoding, batching or computing
         self.version = model_summary(AGE_MODEL)["version"]

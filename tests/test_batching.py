@@ -91,6 +91,33 @@ def test_serving_layout_shares_the_cores(monkeypatch, cores, env, expected):
     assert (layout.workers, layout.threads, layout.concurrent_batches, layout.alone_threads) == expected
 
 
+@pytest.mark.parametrize("value, alone, batches", [
+    (None, True, False),  # the default: only a lone request's session spins
+    ("alone", True, False),
+    ("1", True, True),
+    ("0", False, False),
+])
+def test_only_the_lone_request_session_spins_by_default(monkeypatch, value, alone, batches):
+    from serving import runtime
+
+    if value is None:
+        monkeypatch.delenv("AGEGROUP_SPIN", raising=False)
+    else:
+        monkeypatch.setenv("AGEGROUP_SPIN", value)
+    assert (runtime.spinning(alone=True), runtime.spinning()) == (alone, batches)
+    for spin in (False, True):
+        options = runtime.session_options(2, spin)
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+
+
+def test_a_misspelt_spin_setting_is_refused(monkeypatch):
+    from serving import runtime
+
+    monkeypatch.setenv("AGEGROUP_SPIN", "yes")
+    with pytest.raises(ValueError, match="AGEGROUP_SPIN must be 0, 1 or alone"):
+        runtime.spinning()
+
+
 def test_batches_run_side_by_side_when_asked():
     """concurrent=2: a second batch starts while the first still runs (on another thread)."""
     running, overlap = [], []
