@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{row['train_minutes_per_fold']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    log[f"{' '.join(args.members)} / {args.folds} folds{scored} / against {base_name}"] = report  # one a baseline
+    # one entry per comparison: the same members and baseline with other recipes or subsets is another entry
+    log[f"{' '.join(args.members)} / {args.folds} folds{scored} / {', '.join(recipes)} / against {base_name}"] = report
     args.out.write_text(json.dumps(log, indent=2) + "\n")
     print(f"wrote {args.out}")
 
