@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import images_per_s, measured_load, null_model, start_server, stop_server  # noqa: E402
+from bench.serving import images_per_s, measured_load, null_model, warm_server  # noqa: E402
 from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
 from training.quantize import compare_on_faces, split_faces  # noqa: E402
 
@@ -64,24 +64,16 @@ def served(paths: dict[str, Path], clients: int, requests: int) -> dict:
     lone client of a null graph (the contract, no compute): the serving stack's own latency and CPU."""
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_server({"AGEGROUP_MODEL_DIR": str(null_model(paths["int8"], Path(tmp)).parent)},
-                                 RESULTS / "serve-quantization-null.log")
-        try:
-            measured_load(proc, url, 4, 40)  # warm-up
+        with warm_server({"AGEGROUP_MODEL_DIR": str(null_model(paths["int8"], Path(tmp)).parent)},
+                         RESULTS / "serve-quantization-null.log") as (proc, url):
             rows["null"] = {"alone": measured_load(proc, url, 1, 200)}
-        finally:
-            stop_server(proc)
     for name, path in paths.items():
         with tempfile.TemporaryDirectory() as tmp:  # the service reads age_ensemble.onnx + .json of a folder
             for suffix in (".onnx", ".json"):
                 shutil.copyfile(path.with_suffix(suffix), Path(tmp) / f"age_ensemble{suffix}")
-            proc, url = start_server({"AGEGROUP_MODEL_DIR": tmp}, RESULTS / f"serve-quantization-{name}.log")
-            try:
-                measured_load(proc, url, 4, 40)  # warm-up
+            with warm_server({"AGEGROUP_MODEL_DIR": tmp}, RESULTS / f"serve-quantization-{name}.log") as (proc, url):
                 rows[name] = measured_load(proc, url, clients, requests)
                 rows[name]["alone"] = measured_load(proc, url, 1, 100)  # a lone client: its batch of one
-            finally:
-                stop_server(proc)
     return rows
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.quantization import cpu_name  # noqa: E402
-from bench.serving import RESULTS, images_per_s, measured_load, random_batch, start_server, stop_server  # noqa: E402
+from bench.serving import RESULTS, images_per_s, measured_load, random_batch, warm_server  # noqa: E402
 from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
 
 LONE_REQUESTS = 200
@@ -33,16 +33,12 @@ LONE_REQUESTS = 200
 
 def served(model: Path, name: str, env: dict, clients: list[int], requests: int) -> dict:
     """One server with `env`: a lone client's figures, then each load of `clients`."""
-    proc, url = start_server({"AGEGROUP_MODEL_DIR": str(model.resolve().parent), **env},
-                             RESULTS / f"serve-setting-{name}.log")
-    try:
-        measured_load(proc, url, 4, 40)  # warm-up
+    with warm_server({"AGEGROUP_MODEL_DIR": str(model.resolve().parent), **env},
+                     RESULTS / f"serve-setting-{name}.log") as (proc, url):
         rows = {"1": measured_load(proc, url, 1, LONE_REQUESTS)}
         for n in clients:
             rows[str(n)] = measured_load(proc, url, n, requests)
         return rows
-    finally:
-        stop_server(proc)
 
 
 def parse_setting(text: str) -> tuple[str, dict]:

@@ -9,6 +9,7 @@ Timings are compared as ratios within one run: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -49,6 +50,18 @@ def start_server(env_extra: dict, log_path: Path) -> tuple[subprocess.Popen, str
             time.sleep(0.5)
     stop_server(proc)
     raise SystemExit(f"bench/serving.py: server did not start; see {log_path}")
+
+
+@contextlib.contextmanager
+def warm_server(env_extra: dict, log_path: Path, detect: bool = False):
+    """(proc, url) of a server started with `env_extra` and warmed up by 40 requests of 4 clients; stopped on
+    leaving the block."""
+    proc, url = start_server(env_extra, log_path)
+    try:
+        load_in_subprocess(url, 4, 40, detect=detect)
+        yield proc, url
+    finally:
+        stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -147,15 +160,11 @@ def bench_service(model_path: Path, requests_per_client: int, modes=tuple(SERVIC
         served = null_model(model_path, RESULTS.parent.parent / "runs" / "null-model") if mode == "null model" \
             else model_path
         env = {**env, "AGEGROUP_MODEL_DIR": str(served.resolve().parent)}
-        proc, url = start_server(env, RESULTS / f"serve-{mode.replace(' ', '-')}.log")
-        try:
-            load_in_subprocess(url, 4, 40, detect=mode == "detect")  # warm-up
+        with warm_server(env, RESULTS / f"serve-{mode.replace(' ', '-')}.log", detect=mode == "detect") as (proc, url):
             results[mode] = []
             for c in levels:
                 results[mode].append(measured_load(proc, url, c, max(40, c * requests_per_client), mode == "detect"))
                 print(f"  {mode}, {c} clients: {json.dumps(results[mode][-1])}", flush=True)
-        finally:
-            stop_server(proc)
     return results
 
 
