@@ -91,10 +91,6 @@ FACE_MEMBERS = (
     # 0.3x the head's rate (ImageNet features are further from faces than dlib's), or stem and 3 stages frozen
     MemberConfig("lite-age", seed=36, target="age", **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
     MemberConfig("lite-age-frz3", seed=37, target="age", freeze=3, **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
-    # the same at the data set's own 200 px (an ImageNet network sees objects larger than dlib's 150 px chips; in a
-    # 200 px run it sees the crop unresampled, while the 150 px members shrink it in the graph)
-    MemberConfig("lite-age-frz3-200", seed=37, target="age", freeze=3,
-                 **{**FACE, "arch": "lite", "backbone_lr": 0.3, "input_size": 200}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),
