@@ -64,7 +64,7 @@ def in_process(paths: dict[str, Path], faces) -> dict:
 def served(paths: dict[str, Path], faces, clients: int, requests: int, rounds: int) -> dict:
     """/predict at `clients` concurrent clients (aligned crops) with the service's defaults, per graph, `rounds`
     times in turn; each time the same graph's in-process batch 32 on 2 threads is timed just before it is served,
-    so the served / in-process ratio divides figures taken minutes apart, not a whole run apart. And a lone client
+    so the served / in-process ratio divides figures taken a minute apart, not a whole run apart. And a lone client
     of a null graph (the contract, no compute): the serving stack's own latency and CPU."""
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,16 +72,16 @@ def served(paths: dict[str, Path], faces, clients: int, requests: int, rounds: i
                          RESULTS / "serve-quantization-null.log") as (proc, url):
             rows["null"] = {"alone": measured_load(proc, url, 1, 200)}
     batch = (faces.images[:32], faces.gender[:32], faces.race[:32])
+    models = {name: OnnxModel(path, device="cpu", threads=2) for name, path in paths.items()}  # loaded once
     runs = {name: [] for name in paths}
     for r in range(rounds):
         for name, path in paths.items():
-            model = OnnxModel(path, device="cpu", threads=2)
-            beside = images_per_s(lambda: model.predict(*batch), 32, seconds=5.0)
+            beside = images_per_s(lambda: models[name].predict(*batch), 32, seconds=5.0)
             with tempfile.TemporaryDirectory() as tmp:  # the service reads age_ensemble.onnx + .json of a folder
                 for suffix in (".onnx", ".json"):
                     shutil.copyfile(path.with_suffix(suffix), Path(tmp) / f"age_ensemble{suffix}")
-                with warm_server({"AGEGROUP_MODEL_DIR": tmp}, RESULTS / f"serve-quantization-{name}.log") as (proc,
-                                                                                                               url):
+                log = RESULTS / f"serve-quantization-{name}.log"
+                with warm_server({"AGEGROUP_MODEL_DIR": tmp}, log) as (proc, url):
                     row = measured_load(proc, url, clients, requests)
                     row["alone"] = measured_load(proc, url, 1, 100)  # a lone client: its batch of one
             row["in_process_batch32"] = beside
