@@ -286,7 +286,9 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         checkpoint = out / f"member-{member.name}.pt"
         previous = torch.load(checkpoint, weights_only=False) if checkpoint.exists() else None
         reuse = bool(previous and previous.get("complete") and same_recipe(previous["config"], common["config"]))
-        # pretrained weights only for a member that trains: a finished checkpoint replaces them anyway
+        # pretrained weights only for a member that trains: a finished checkpoint replaces them anyway; its seed
+        # sets its initialisation too (unseeded, the first member of a process started from a random state)
+        torch.manual_seed(member.seed + cfg.seed_offset)
         model = build_member(member, cfg.input_size, mean, std, pretrained=not reuse)
         model = model.to(device, memory_format=torch.channels_last)
         loss_fn = make_member_loss(cfg, model)
