@@ -265,6 +265,31 @@ def test_a_cross_validation_fold_validates_its_fold_and_keeps_answers_by_face(fa
                            to_jsonable(AgeTrainConfig()))
 
 
+def test_a_recipe_trains_the_same_members_whatever_ran_before_it_and_another_seed_does_not(face_dir, tmp_path):
+    """Two runs of one recipe in one process, after different random draws, train identical members (each
+    member's seed sets its initialisation, its batches and its augmentation); --seed-offset changes them."""
+    from training.config import AGE_PRESETS, AgeTrainConfig
+    from training.train import train_age_ensemble
+
+    torch.set_num_threads(2)
+    members = ("vgg-age", "res-group")
+    recipe = dict(**{**AGE_PRESETS["tiny"], "epochs": 1}, preset="tiny", data_dir=face_dir, members=members,
+                  val_fraction=0.25, face_template=False)
+
+    def trained(name, draw, **changes):
+        torch.manual_seed(draw)
+        torch.rand(draw + 1)  # leaves the global generator somewhere else before each run
+        train_age_ensemble(AgeTrainConfig(**recipe, **changes, out_dir=tmp_path / name))
+        return {m: torch.load(tmp_path / name / f"member-{m}.pt", weights_only=False)["state_dict"]
+                for m in members}
+
+    first, again, reseeded = trained("first", 1), trained("again", 2), trained("reseeded", 1, seed_offset=1)
+    for m in members:
+        assert first[m].keys() == again[m].keys()
+        assert all(torch.equal(first[m][k], again[m][k]) for k in first[m]), m
+        assert not all(torch.equal(first[m][k], reseeded[m][k]) for k in first[m]), m
+
+
 def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fold_answers(face_dir, tmp_path):
     import json
     import shutil
