@@ -290,40 +290,6 @@ def test_a_recipe_trains_the_same_members_whatever_ran_before_it_and_another_see
         assert not all(torch.equal(first[m][k], reseeded[m][k]) for k in first[m]), m
 
 
-def test_a_student_learns_from_its_folds_teacher_and_refuses_one_that_saw_its_validation_faces(face_dir, tmp_path):
-    from training.config import AGE_PRESETS, AgeTrainConfig
-    from training.data import DataError
-    from training.models import age_distribution
-    from training.train import make_member_loss, train_age_ensemble
-
-    torch.set_num_threads(2)
-    recipe = dict(**{**AGE_PRESETS["tiny"], "epochs": 1}, preset="tiny", data_dir=face_dir, members=("vgg-age",),
-                  folds=2, face_template=False, keep_last=True)
-    for fold in (0, 1):
-        train_age_ensemble(AgeTrainConfig(**recipe, fold=fold, out_dir=tmp_path / "teacher" / f"fold{fold}"))
-    student = AgeTrainConfig(**recipe, fold=1, out_dir=tmp_path / "student", distill_from=str(tmp_path / "teacher"),
-                             distill_weight=0.5)
-    train_age_ensemble(student)
-    saved = torch.load(tmp_path / "student" / "ensemble.pt", weights_only=False)
-    assert saved["teacher"]["run"] == str(tmp_path / "teacher" / "fold1") and saved["teacher"]["mirror"]
-    plain = torch.load(tmp_path / "teacher" / "fold1" / "member-vgg-age.pt", weights_only=False)["state_dict"]
-    taught = torch.load(tmp_path / "student" / "member-vgg-age.pt", weights_only=False)["state_dict"]
-    assert not all(torch.equal(plain[k], taught[k]) for k in plain)  # same seed and faces: the teacher made it differ
-    # the loss: the Gaussian alone on validation targets, mixed with the teacher's distribution on training ones
-    loss = make_member_loss(student, type("AgeHead", (), {"target": "age"})())
-    logits, age = torch.randn(4, 51), torch.tensor([[1, 20]] * 4)
-    teacher = torch.full((4, 51), 1 / 51)
-    gaussian = age_distribution(age[:, 1], student.age_sigma)
-    mixed = 0.5 * gaussian + 0.5 * teacher
-    expected = torch.nn.functional.kl_div(logits.log_softmax(1), mixed, reduction="batchmean")
-    assert torch.isclose(loss(logits, torch.cat([age.float(), teacher], 1)), expected)
-    assert not torch.isclose(loss(logits, age), expected)
-    # fold 0's teacher trained on fold 1's faces: refused for a run validated on fold 1
-    with pytest.raises(DataError, match="held out other faces"):
-        train_age_ensemble(AgeTrainConfig(**recipe, fold=1, out_dir=tmp_path / "leak",
-                                          distill_from=str(tmp_path / "teacher" / "fold0")))
-
-
 def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fold_answers(face_dir, tmp_path):
     import json
     import shutil

@@ -132,9 +132,6 @@ class AgeTrainConfig:
     min_member_weight: float = 0.0  # members whose fitted weight falls under this are left out of the ensemble
     max_passes: int = 0  # inference budget: member forward passes per image, the mirror counted (0 = no limit)
     max_members: int = 0  # at most this many members in the graph (0 = no limit); each adds its weights' size
-    distill_from: str = ""  # a finished run whose ensemble (over each image and its mirror) teaches: every "age"
-    # member learns its age distribution beside the Gaussian target; a sweep folder gives the run of this fold
-    distill_weight: float = 0.5  # with --distill-from: the teacher's share of the target (the Gaussian's 1 - this)
 
 
 AGE_PRESETS: dict[str, dict] = {

@@ -47,7 +47,7 @@ from training.data import (
     to_nchw,
     validation_split,
 )
-from training.models import Stl10MLP, age_distribution, age_distribution_loss, age_summary, build_member
+from training.models import Stl10MLP, age_distribution_loss, age_summary, build_member
 
 TEMPLATE_FILE = "face_template.json"
 CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their own size
@@ -224,48 +224,7 @@ def make_member_loss(cfg: AgeTrainConfig, model):
     Targets are (B, 2) [label, age]."""
     if getattr(model, "target", "group") == "group":
         return make_loss(cfg.label_smoothing)
-
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if y.shape[1] == 2:
-            return age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
-        # training targets with a teacher: (B, 2 + 51) [label, age, the teacher's age distribution]
-        target = (1 - cfg.distill_weight) * age_distribution(y[:, 1], cfg.age_sigma) + cfg.distill_weight * y[:, 2:]
-        return F.kl_div(logits.log_softmax(dim=1), target, reduction="batchmean")
-
-    return loss
-
-
-@torch.no_grad()
-def teacher_ages(cfg: AgeTrainConfig, images: torch.Tensor, gender: torch.Tensor, race: torch.Tensor,
-                 val_idx: np.ndarray, data_sha256: str) -> tuple[torch.Tensor, dict]:
-    """The age distribution (N, 51) that the run under `cfg.distill_from` (or, given a sweep folder, its run of
-    this fold) answers for each of `images`, averaged over each image and its mirror, and where it came from.
-    The teacher must hold out exactly this run's validation faces, so that nothing it learnt from them reaches
-    a student through its answers."""
-    from training.export import load_age_ensemble
-
-    run = Path(cfg.distill_from)
-    if not (run / "ensemble.pt").is_file() and cfg.folds > 1:
-        run = run / f"fold{cfg.fold}"
-    if not (run / "ensemble.pt").is_file():
-        raise DataError(f"--distill-from {cfg.distill_from}: no ensemble.pt there (nor in fold{cfg.fold}/ under it)")
-    ensemble, summary = load_age_ensemble(run)
-    problem = ("was trained on another data.csv" if summary["data_sha256"] != data_sha256
-               else f"sees {summary['input_size']} px images, this run {cfg.input_size}"
-               if summary["input_size"] != cfg.input_size
-               else "held out other faces than this run validates on (it may have trained on them)"
-               if sorted(summary["val_index"]) != sorted(val_idx.tolist())
-               else None)
-    if problem:
-        raise DataError(f"--distill-from {run} {problem}: it cannot teach this run")
-    ensemble.tta_flip = True
-    ensemble.to(images.device)
-    ages = [ensemble.predict(images[i:i + 256].float().contiguous(memory_format=torch.channels_last),
-                             gender[i:i + 256], race[i:i + 256])[1] for i in range(0, len(images), 256)]
-    source = {"run": str(run), "members": [m["name"] for m in summary["members"]],
-              "weights": [m["weight"] for m in summary["members"]], "mirror": True,
-              "share": cfg.distill_weight}
-    return torch.cat(ages), source
+    return lambda logits, y: age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
 
 
 def pick_device(name: str) -> torch.device:
@@ -315,11 +274,6 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                torch.tensor(table["Race"].to_numpy()), targets)
     tensors = tuple(t.to(device) for t in tensors)  # the whole data set fits on the device
     train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
-    if cfg.distill_from:  # the teacher's answers ride along with the training targets (validation keeps its own)
-        taught, common_teacher = teacher_ages(cfg, *train_set[:3], val_idx, data_sha256)
-        train_set = (*train_set[:3], torch.cat([train_set[3].float(), taught], dim=1))
-        print(f"teacher {common_teacher['run']}: {', '.join(common_teacher['members'])} over image and mirror, "
-              f"{cfg.distill_weight:.0%} of each target", flush=True)
     val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
     val_batches = None if all_data else Batches(val_set, 256, device=device)
     mirrored_batches = Batches(val_set, 256, augment=lambda x: x.flip(3), device=device)  # for flip averaging
@@ -327,8 +281,6 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
               "data_sha256": data_sha256, "val_index": val_idx.tolist()}
     if all_data:
         common["out_of_fold"] = oof_sources
-    if cfg.distill_from:
-        common["teacher"] = common_teacher
     results = []
     for member in members:
         checkpoint = out / f"member-{member.name}.pt"
@@ -487,8 +439,7 @@ def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
     return trained_by(a) == trained_by(b)
 
 
-SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last", "distill_from")  # where a run validates (and its
-# teacher, the run of the same faces), not how it trains
+SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last")  # where a run validates, not how it trains
 
 
 def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_sha256: str) -> tuple[dict, list]:
@@ -514,7 +465,6 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
                        else "is not a cross-validation run" if config.get("folds", 0) <= 1
                        else "chose its epoch on validation (train it with --keep-last)" if not config.get("keep_last")
                        else "trained another recipe" if not same_recipe(config, to_jsonable(cfg), SPLIT_SETTINGS)
-                       or bool(config.get("distill_from")) != bool(cfg.distill_from)
                        else None)
             if problem:
                 raise DataError(f"{path.parent} {problem}: its answers cannot stand in for this run's")
