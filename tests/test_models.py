@@ -12,7 +12,6 @@ from training.models import (
     age_distribution_loss,
     age_group_matrix,
     build_member,
-    drop_branch,
     pool_plan,
 )
 
@@ -184,31 +183,6 @@ def test_a_multi_level_head_reads_the_last_stages_pooled():
     pooled = torch.cat([m.mean(dim=(2, 3)) for m in maps[-3:]], dim=1)
     expected = member.head(torch.cat([pooled, torch.eye(2)[gender], torch.eye(5)[race]], dim=1))
     torch.testing.assert_close(member(images, gender, race), expected)
-
-
-def test_stochastic_depth_skips_whole_branches_while_training_and_never_in_frozen_stages():
-    branch = torch.ones(4000, 2, 3, 3)
-    torch.manual_seed(0)
-    skipped = drop_branch(branch, 0.25, training=True)
-    per_image = skipped.flatten(1)
-    assert torch.equal(per_image.amin(1), per_image.amax(1))  # an image keeps or drops its branch whole
-    torch.testing.assert_close(per_image[:, 0].unique(), torch.tensor([0.0, 4 / 3]))  # dropped, or kept scaled
-    assert abs(skipped.mean().item() - 1) < 0.05
-    state = torch.get_rng_state()
-    assert drop_branch(branch, 0.25, training=False) is branch and drop_branch(branch, 0.0, training=True) is branch
-    assert torch.equal(torch.get_rng_state(), state)  # off: no random numbers drawn, runs without it unchanged
-
-    for name, frozen in (("face-age-frz3", 3), ("lite-age-frz3", 3)):
-        member = build_member(name, 150)
-        member.set_drop_path(0.3)
-        member.train()
-        blocks = [(s, b) for s, stage in enumerate(member.features.stages) for b in stage if hasattr(b, "drop_path")]
-        rates = [b.drop_path for _, b in blocks]
-        assert rates == sorted(rates) and rates[-1] == pytest.approx(0.3) and rates[0] > 0
-        assert all(b.training == (s >= frozen) for s, b in blocks)  # frozen stages stay in eval: they never skip
-        member.eval()
-        images, gender, race = torch.rand(2, 3, 150, 150) * 255, torch.tensor([0, 1]), torch.tensor([3, 4])
-        torch.testing.assert_close(member(images, gender, race), member(images, gender, race))
 
 
 def test_a_native_member_sees_its_window_unresampled():

@@ -111,26 +111,16 @@ class FaceResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, down: bool):
         super().__init__()
         self.down = down
-        self.drop_path = 0.0  # training only: chance that an image skips the residual branch (AgeCNN sets it)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 2 if down else 1, 0 if down else 1)
         self.bn1 = nn.BatchNorm2d(c_out, eps=BN_EPS)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.bn2 = nn.BatchNorm2d(c_out, eps=BN_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = drop_branch(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))), self.drop_path, self.training)
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
         if self.down:
             x = F.avg_pool2d(x, 2, 2)
         return F.relu(pad_to(y, x.shape) + pad_to(x, y.shape))
-
-
-def drop_branch(y: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth (Huang et al. 2016): while training, each image's residual branch is zeroed with chance
-    `rate` and the kept ones scaled by 1 / (1 - rate); draws no random numbers at rate 0 or in evaluation."""
-    if not training or rate <= 0:
-        return y
-    keep = (torch.rand(y.shape[0], 1, 1, 1, device=y.device) >= rate).to(y.dtype)
-    return y * keep / (1 - rate)
 
 
 def pad_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -218,12 +208,11 @@ class LiteBlock(nn.Module):
         self.project = SameConv(wide, c_out, 1)
         self.project_norm = nn.BatchNorm2d(c_out, eps=LITE_BN_EPS)
         self.residual = stride == 1 and c_in == c_out
-        self.drop_path = 0.0  # training only, residual blocks only: as FaceResBlock's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu6(self.expand_norm(self.expand(x))) if hasattr(self, "expand") else x
         y = self.project_norm(self.project(F.relu6(self.depthwise_norm(self.depthwise(y)))))
-        return x + drop_branch(y, self.drop_path, self.training) if self.residual else y
+        return x + y if self.residual else y
 
 
 class LiteNet(nn.Module):
@@ -393,13 +382,6 @@ class AgeCNN(nn.Module):
         backbone = [p for p in self.features.parameters() if p.requires_grad]
         head = [p for p in self.head.parameters() if p.requires_grad]
         return [{"params": backbone, "lr": lr * self.backbone_lr}, {"params": head, "lr": lr}]
-
-    def set_drop_path(self, rate: float) -> None:
-        """Stochastic depth on a pretrained backbone: block i of n skips its residual branch with chance
-        rate * (i + 1) / n while training; frozen stages stay in eval mode (below), so they never skip."""
-        blocks = [b for stage in self.features.stages for b in stage if isinstance(b, (FaceResBlock, LiteBlock))]
-        for i, block in enumerate(blocks):
-            block.drop_path = rate * (i + 1) / len(blocks)
 
     def train(self, mode: bool = True):
         """Frozen stages keep their BatchNorm statistics too (eval mode), so they stay the pretrained ones."""

@@ -290,8 +290,6 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         # sets its initialisation too (unseeded, the first member of a process started from a random state)
         torch.manual_seed(member.seed + cfg.seed_offset)
         model = build_member(member, cfg.input_size, mean, std, pretrained=not reuse)
-        if cfg.drop_path > 0 and member.arch in ("face", "lite"):
-            model.set_drop_path(cfg.drop_path)
         model = model.to(device, memory_format=torch.channels_last)
         loss_fn = make_member_loss(cfg, model)
         origin = starting_weights(member.arch)
