@@ -1,8 +1,9 @@
 """A real two-node Ray cluster on this machine, run inside a network namespace of its own (only loopback), for
 tests/test_ray.py: a head and a second node of one CPU each, a scoring job sent to it by address, and (with
---kill-worker) a model actor's worker process killed while the job runs. Prints one JSON line.
+--kill-worker) a model actor's worker process killed while the job runs. Writes its report as JSON to REPORT (not
+to stdout: Ray's raylet can print there after the job, e.g. on retrying a killed actor's task).
 
-    unshare -n python tests/ray_cluster.py TEMP_DIR TABLE MODEL OUT [--kill-worker] [--aligned]
+    unshare -n python tests/ray_cluster.py TEMP_DIR TABLE MODEL OUT REPORT [--kill-worker] [--aligned]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def kill_a_scorer(killed: list, done: threading.Event) -> None:
 
 
 def main() -> None:
-    temp_dir, table, model, out = sys.argv[1:5]
+    temp_dir, table, model, out, report = sys.argv[1:6]
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ.update(ENV)  # the driver below joins the same cluster
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--temp-dir", temp_dir, "--disable-usage-stats"]
@@ -84,7 +85,7 @@ def main() -> None:
     except DataError as exc:
         error = str(exc)
     done.set()
-    print(json.dumps({"nodes": nodes, "scored_on": scored_nodes, "killed": killed, "error": error}), flush=True)
+    Path(report).write_text(json.dumps({"nodes": nodes, "scored_on": scored_nodes, "killed": killed, "error": error}))
 
 
 if __name__ == "__main__":

@@ -37,12 +37,14 @@ def run_cluster(table: Path, tiny_export: Path, out: Path, *extra: str) -> dict:
     """The helper in a fresh network namespace; the cluster's processes are killed by id afterwards, whatever
     happened."""
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    report = out.with_name(out.name + ".report.json")
     try:
         proc = subprocess.run(["unshare", "-n", sys.executable, str(HELPER), temp_dir, str(table),
-                               str(tiny_export / "age_ensemble.onnx"), str(out), *extra], capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                               str(tiny_export / "age_ensemble.onnx"), str(out), str(report), *extra],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(report.read_text())
     finally:
         for p in cluster_processes(temp_dir):
             try:
