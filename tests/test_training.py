@@ -5,7 +5,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from training.data import BatchAugment, Batches, stratified_split, to_nchw, validation_split
 from training.models import build_member
@@ -35,69 +34,6 @@ def test_tiny_training_changes_weights_and_lowers_loss():
     after = evaluate(model, Batches(data, 64), loss_fn)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert after["loss"] < first * 0.8, (first, after["loss"])
-
-
-class Recorder(torch.nn.Module):
-    """Logits from the images' mean brightness; records what it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(5))
-        self.seen = []
-
-    def forward(self, images, gender, race):
-        self.seen.append((images.detach().clone(), gender.clone(), race.clone()))
-        return images.mean((1, 2, 3)).unsqueeze(1) / 255 * self.scale
-
-
-def one_recorded_epoch(mixup: float, seed: int = 0):
-    data = learnable_batch(n=32, size=4)
-    model, targets_seen = Recorder(), []
-
-    def loss_fn(logits, target):
-        targets_seen.append(target.clone())
-        return F.cross_entropy(logits, target)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    torch.manual_seed(seed)
-    train_one_epoch(model, Batches(data, 8), optimizer, scheduler, loss_fn, mixup=mixup)
-    return data, model.seen, targets_seen, torch.get_rng_state()
-
-
-def test_mixup_blends_each_batch_with_itself_shuffled_and_the_loss_alike():
-    data, seen, targets, _ = one_recorded_epoch(mixup=50.0)  # lam near 0.5 (never near 1, where any partner fits)
-    for b, (images, gender, race) in enumerate(seen):
-        x, y = data[0][8 * b:8 * b + 8].float(), data[3][8 * b:8 * b + 8]
-        assert torch.equal(gender, data[1][8 * b:8 * b + 8]) and torch.equal(race, data[2][8 * b:8 * b + 8])
-        own, other = targets[2 * b], targets[2 * b + 1]  # the loss on the batch's targets, then on its partners'
-        assert torch.equal(own, y)
-        blends = [[share_of(x[i], x[j], images[i]) for j in range(8)] for i in range(8)]
-        partner = [i if blends[i][i] else next(j for j in range(8) if blends[i][j] is not None)  # i: its own
-                   for i in range(8)]  # partner (the permutation's fixed point), unchanged
-        assert sorted(partner) == list(range(8)) and torch.equal(other, y[partner])  # one permutation of the
-        # batch, for the images and the loss's targets alike
-        shares = {round(blends[i][partner[i]], 4) for i in range(8) if partner[i] != i}
-        assert len(shares) == 1 and 0.5 <= shares.pop() <= 1  # one lam a batch, the larger share the image's own
-        assert not torch.equal(images, x)
-    _, again, _, _ = one_recorded_epoch(mixup=50.0)  # torch's seeded generator: the same blends again
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(seen, again))
-
-
-def share_of(a: torch.Tensor, b: torch.Tensor, mixed: torch.Tensor) -> float | None:
-    """The share of `a` in `mixed` if mixed is a blend of a and b (1.0 when a is b), else None."""
-    if torch.equal(a, b):
-        return 1.0 if torch.allclose(mixed, a) else None
-    lam = float(((mixed - b) * (a - b)).sum() / ((a - b) ** 2).sum())
-    return lam if torch.allclose(mixed, lam * a + (1 - lam) * b, atol=1e-3) else None
-
-
-def test_without_mixup_batches_pass_unchanged_and_draw_nothing():
-    data, seen, targets, state = one_recorded_epoch(mixup=0.0)
-    torch.manual_seed(0)
-    assert torch.equal(state, torch.get_rng_state())
-    assert all(torch.equal(images, data[0][8 * b:8 * b + 8].float()) for b, (images, _, _) in enumerate(seen))
-    assert len(targets) == len(seen)
 
 
 def test_ensemble_weights_favour_the_better_member():

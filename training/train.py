@@ -54,24 +54,15 @@ CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their
 CALIBRATION_IMAGES = 1024  # training images that set a pretrained backbone's BatchNorm statistics
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
-                    mixup: float = 0.0) -> dict:
-    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy
-    (against each image's own target). With `mixup` > 0 every batch's images are blended with the same batch
-    shuffled, by lam ~ Beta(mixup, mixup) kept >= 0.5, and the loss is blended by the same lam."""
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
+    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
-    for images, *side, target in bar:
-        if mixup > 0:
-            lam = float(torch.distributions.Beta(mixup, mixup).sample())  # torch's seeded generator
-            lam, partner = max(lam, 1 - lam), torch.randperm(len(target), device=target.device)
-            images = lam * images + (1 - lam) * images[partner]
+    for *inputs, target in bar:
         with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(images, *side)
+            logits = model(*inputs)
         loss = loss_fn(logits.float(), target)
-        if mixup > 0:
-            loss = lam * loss + (1 - lam) * loss_fn(logits.float(), target[partner])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,7 +117,7 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", keep_last: bool = False, mixup: float = 0.0) -> dict:
+        amp: bool = False, name: str = "model", keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
     on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
@@ -147,8 +138,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
-                                mixup)
+        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}")
         if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
@@ -317,7 +307,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, keep_last=cfg.keep_last, mixup=cfg.mixup)
+                name=member.name, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         if all_data:  # its answers on faces it never saw: its fold runs'
