@@ -44,7 +44,7 @@ AGE_OUTPUTS = ["probabilities", "label", "age", "age_range"]
 
 class AgeGraph(nn.Module):
     """What the ONNX file computes: uint8 NHWC image + gender + race -> ensemble probabilities and label, the
-    expected age in years and its 10th-90th percentile range."""
+    median age in years and its 10th-90th percentile range."""
 
     def __init__(self, ensemble: AgeEnsemble):
         super().__init__()
@@ -238,7 +238,7 @@ def export_age_ensemble(run_dir: str | Path, out_dir: str | Path, half: bool = F
                        "race": "int64 [N] 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others"},
             "outputs": {"probabilities": "float32 [N, 5] weighted average of member softmaxes",
                         "label": "int64 [N] argmax of probabilities",
-                        "age": "float32 [N] expected age in years (the exact-age members' weighted mix)",
+                        "age": "float32 [N] median age in years of the exact-age members' weighted mix",
                         "age_range": "float32 [N, 2] 10th and 90th percentile of that age distribution"},
             "input_size": [size, size],
             "resize": "Pillow bilinear from the RGB image, after EXIF orientation",

@@ -77,7 +77,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = F
 @torch.no_grad()
 def evaluate(model, batches, loss_fn) -> dict:
     """Loss, accuracy, macro-F1 and the softmax probabilities (N, C) over the batches, in order; for an age
-    model with [label, age] targets also each face's expected age ("ages") and their mean absolute error in years."""
+    model with [label, age] targets also each face's median age ("ages") and their mean absolute error in years."""
     model.eval()
     probs, targets, ages, true_ages, total_loss = [], [], [], [], 0.0
     for *inputs, target in batches:
