@@ -45,6 +45,9 @@ from sklearn.metrics import f1_score
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
+sys.path.insert(0, str(REPO))  # before bench/, whose serving.py would shadow the serving package
+
+from training.train import mixed_ages  # noqa: E402
 
 
 def run_fold(args, recipe: str, extra: list[str], fold: int) -> dict | None:
@@ -107,20 +110,26 @@ def fold_dir(args, recipe: str, fold: int) -> Path:
 def weighted(summary: dict, weights: list[tuple[float, str]], fold: int, train_seconds: float) -> dict:
     """The (weight, member name) ensemble of a fold run scored on its validation faces, and over the mirror."""
     answers = [(w, summary["member_val"][name]) for w, name in weights]
-    result = score(summary, [(w, a["probs"], a["ages"]) for w, a in answers])
+    result = score(summary, answers, mirror=False)
     result.update(fold=fold, train_seconds=train_seconds, mirror=None,
                   members={name: float((summary["member_val"][name]["probs"].argmax(1) == summary["val_targets"])
                                        .mean()) for _, name in weights})
     if all(a.get("mirrored_probs") is not None for _, a in answers):
-        result["mirror"] = score(summary, [(w, (a["probs"] + a["mirrored_probs"]) / 2,
-                                            (a["ages"] + a["mirrored_ages"]) / 2) for w, a in answers])
+        result["mirror"] = score(summary, answers, mirror=True)
     return result
 
 
-def score(summary: dict, answers: list[tuple]) -> dict:
-    """Accuracy, macro-F1 and age MAE, face by face too, of the weighted (weight, probs, ages) answers."""
-    probs = sum(w * p for w, p, _ in answers)
-    ages = sum(w * a for w, _, a in answers)
+def score(summary: dict, answers: list[tuple[float, dict]], mirror: bool) -> dict:
+    """Accuracy, macro-F1 and age MAE, face by face too, of the weighted (weight, member answers) ensemble, each
+    member averaged with its mirrored answers where `mirror`. The age is the graph's: the median of the mixed age
+    distributions; for runs made before those were kept, the mixed members' ages (then means, and so exact)."""
+    def view(a: dict, key: str) -> np.ndarray:
+        return (a[key] + a[f"mirrored_{key}"]) / 2 if mirror else a[key]
+
+    probs = sum(w * view(a, "probs") for w, a in answers)
+    ages = mixed_ages(answers, mirror)
+    if ages is None:
+        ages = sum(w * view(a, "ages") for w, a in answers)
     targets, labels = summary["val_targets"], probs.argmax(1)
     age_errors = np.abs(ages - summary["val_true_ages"])
     return {"index": np.asarray(summary["val_index"]), "correct": labels == targets,

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from training.config import AGES
 from training.data import BatchAugment, Batches, stratified_split, to_nchw, validation_split
 from training.models import build_member
 from training.train import evaluate, fit_ensemble_weights, make_loss, train_one_epoch
@@ -34,6 +35,24 @@ def test_tiny_training_changes_weights_and_lowers_loss():
     after = evaluate(model, Batches(data, 64), loss_fn)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert after["loss"] < first * 0.8, (first, after["loss"])
+
+
+def test_the_ensembles_age_is_the_median_of_its_members_mixed_distributions():
+    from training.train import mixed_ages
+
+    a, b = np.zeros((2, len(AGES))), np.zeros((2, len(AGES)))
+    a[:, AGES.index(20)] = 1.0  # member a: 20 for both faces
+    b[0, AGES.index(40)], b[1, AGES.index(30)], b[1, AGES.index(50)] = 1.0, 0.5, 0.5
+    member = lambda d: {"age_dists": d, "mirrored_age_dists": np.roll(d, 1, axis=1)}  # noqa: E731 (mirror: +1 y)
+    # weights 3 and 1, renormalised: face 0 mixes 0.75 on 20, 0.25 on 40 -> 20; face 1 likewise -> 20
+    np.testing.assert_array_equal(mixed_ages([(3.0, member(a)), (1.0, member(b))], mirror=False), [20, 20])
+    # weights 1 and 3: face 0 -> 40 (the mean would be 35); face 1: 0.25 on 20, 0.375 on 30 and on 50 -> 30
+    np.testing.assert_array_equal(mixed_ages([(1.0, member(a)), (3.0, member(b))], mirror=False), [40, 30])
+    # over the image and its mirror, each member's two distributions averaged first: face 0 0.125 on 20 and 21,
+    # 0.375 on 40 and 41 -> 40; face 1 0.125 on 20 and 21, 0.1875 on 30, 31, 50 and 51 -> 31
+    np.testing.assert_array_equal(mixed_ages([(1.0, member(a)), (3.0, member(b))], mirror=True), [40, 31])
+    assert mixed_ages([(1.0, {"age_dists": None})], mirror=False) is None  # runs made before they were kept
+    assert mixed_ages([(1.0, member(a))], mirror=True) is not None and mixed_ages([], mirror=False) is None
 
 
 def test_ensemble_weights_favour_the_better_member():
@@ -326,6 +345,17 @@ def test_a_run_on_all_faces_takes_its_members_weights_and_figures_from_out_of_fo
             answers.setdefault(name, np.zeros((faces, 5)))[run["val_index"]] = seen
     mixed = sum(m["weight"] * answers[m["name"]] for m in summary["members"])
     assert summary["ensemble"]["accuracy"] == pytest.approx((mixed.argmax(1) == saved["val_targets"]).mean())
+    # its age error is the graph's: the median of the exact-age members' distributions, mixed
+    dists = {}
+    for fold in (0, 1):
+        run = torch.load(tmp_path / "sweep" / f"fold{fold}" / "ensemble.pt", weights_only=False)
+        for name, a in run["member_val"].items():
+            seen = (a["age_dists"] + a["mirrored_age_dists"]) / 2 if summary["tta_flip"] else a["age_dists"]
+            dists.setdefault(name, np.zeros((faces, len(AGES))))[run["val_index"]] = seen
+    age_members = [m for m in summary["members"] if m["member"]["target"] == "age"]
+    mix = sum(m["weight"] * dists[m["name"]] for m in age_members) / sum(m["weight"] for m in age_members)
+    median = 10 + (mix.cumsum(1) < 0.5).sum(1)
+    assert summary["ensemble"]["age_mae_years"] == pytest.approx(np.abs(median - saved["val_true_ages"]).mean())
     for m in summary["members"]:  # every member trained on every face, its last epoch kept, never validated
         history = torch.load(tmp_path / "all" / m["checkpoint"], weights_only=False)["history"]
         assert len(history) == 1 and "val_loss" not in history[0]

@@ -77,21 +77,23 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = F
 @torch.no_grad()
 def evaluate(model, batches, loss_fn) -> dict:
     """Loss, accuracy, macro-F1 and the softmax probabilities (N, C) over the batches, in order; for an age
-    model with [label, age] targets also each face's median age ("ages") and their mean absolute error in years."""
+    model with [label, age] targets also each face's distribution over the ages 10-60 ("age_dists"), its median age
+    ("ages") and their mean absolute error in years."""
     model.eval()
-    probs, targets, ages, true_ages, total_loss = [], [], [], [], 0.0
+    probs, targets, dists, ages, true_ages, total_loss = [], [], [], [], [], 0.0
     for *inputs, target in batches:
         logits = model(*inputs).float()
         total_loss += loss_fn(logits, target).item() * len(target)
         probs.append(decode(model, logits).cpu())
         targets.append(class_of(target).cpu())
         if hasattr(model, "age_probs") and target.ndim == 2:
-            ages.append(age_summary(model.age_probs(logits))[0].cpu())
+            dists.append(model.age_probs(logits).cpu())
+            ages.append(age_summary(dists[-1])[0])
             true_ages.append(target[:, 1].cpu())
     probs, targets = torch.cat(probs).numpy(), torch.cat(targets).numpy()
     ages_mae = {}
     if ages:
-        ages_mae = {"ages": torch.cat(ages).numpy(),
+        ages_mae = {"ages": torch.cat(ages).numpy(), "age_dists": torch.cat(dists).numpy(),
                     "age_mae_years": float((torch.cat(ages) - torch.cat(true_ages)).abs().mean())}
     return {"loss": total_loss / len(targets), **classification_metrics(probs, targets), **ages_mae,
             "probs": probs, "targets": targets}
@@ -313,9 +315,11 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         if all_data:  # its answers on faces it never saw: its fold runs'
             answers = out_of_fold[member.name]
             val = {**classification_metrics(answers["probs"], labels), "probs": answers["probs"],
-                   "targets": labels, "ages": answers["ages"], "age_mae_years": None if answers["ages"] is None
+                   "targets": labels, "ages": answers["ages"], "age_dists": answers["age_dists"],
+                   "age_mae_years": None if answers["ages"] is None
                    else float(np.abs(answers["ages"] - table["Age"].to_numpy()).mean())}
-            mirrored = {"probs": answers["mirrored_probs"], "ages": answers["mirrored_ages"]}
+            mirrored = {"probs": answers["mirrored_probs"], "ages": answers["mirrored_ages"],
+                        "age_dists": answers["mirrored_age_dists"]}
         else:
             val = evaluate(model, val_batches, loss_fn)
             mirrored = evaluate(model, mirrored_batches, loss_fn)
@@ -325,6 +329,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                         "starting_weights": origin,
                         "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
                         "val_age_mae_years": val.get("age_mae_years"), "val_ages": val.get("ages"),
+                        "val_age_dists": val.get("age_dists"), "mirrored_age_dists": mirrored.get("age_dists"),
                         "train_seconds": previous["train_seconds"], "probs": val["probs"],
                         "mirrored_probs": mirrored["probs"], "mirrored_ages": mirrored.get("ages")})
     # the faces the weights are fitted on and the figures measured on: validation, or out of fold on all faces
@@ -334,7 +339,8 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
     # every trained member's validation answers, kept or not (ensemble.pt only): bench/cv.py pairs them by face
     # (and their answers on the mirrored images, which a run on all faces takes from its fold runs)
     member_val = {r["name"]: {"probs": p, "ages": r.pop("val_ages"), "mirrored_probs": r.pop("mirrored_probs"),
-                              "mirrored_ages": r.pop("mirrored_ages")} for r, p in zip(results, plain)}
+                              "mirrored_ages": r.pop("mirrored_ages"), "age_dists": r.pop("val_age_dists"),
+                              "mirrored_age_dists": r.pop("mirrored_age_dists")} for r, p in zip(results, plain)}
     mirrored = [v["mirrored_probs"] for v in member_val.values()]
     # fold runs made before they kept mirrored answers: a run on all faces from them is fitted without the flip
     flip_averaged = None if any(m is None for m in mirrored) else 0.5 * (plain + np.stack(mirrored))
@@ -372,10 +378,9 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
         r["weight"] = float(w)
     plot_confusion(targets, fitted_probs.argmax(1), AGE_GROUPS, out / "confusion-ensemble.png",
                    f"ensemble: val accuracy {fitted['accuracy']:.3f}")
-    views = ("ages", "mirrored_ages") if tta_flip else ("ages",)  # the graph's age: the mean over its views
-    if all(v[view] is not None for v in member_val.values() for view in views):
-        ensemble_ages = sum(w * np.mean([member_val[r["name"]][view] for view in views], axis=0)
-                            for r, w in zip(results, weights))
+    ensemble_ages = mixed_ages([(w, member_val[r["name"]]) for r, w in zip(results, weights)
+                                if r["member"]["target"] == "age"], tta_flip)
+    if ensemble_ages is not None:
         fitted["age_mae_years"] = float(np.abs(ensemble_ages - true_ages).mean())
     summary = {**common, "members": results, "dropped_members": dropped, "ensemble": fitted, "uniform": uniform,
                "tta_flip": bool(tta_flip), "weights": "uniform" if uniform_weights else "fitted",
@@ -446,9 +451,10 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
     """Each member's answers on every face of data.csv from the cross-validation runs that never trained on it:
     the fold runs (fold*/ensemble.pt) in the folders of `cfg.oof_from`, trained on the same data.csv by the same
     recipe as `cfg` (its split settings aside), each keeping its last epoch as a run on all faces does.
-    Returns ({name: {"probs": (N, 5), "ages": (N,), "mirrored_probs": (N, 5), "mirrored_ages": (N,)}} in data.csv's
-    row order, each None where a fold run lacks it (ages: a group member; mirrored: a run made before they were
-    kept), and the runs read)."""
+    Returns ({name: {"probs": (N, 5), "ages": (N,), "mirrored_probs": (N, 5), "mirrored_ages": (N,), "age_dists":
+    (N, 51), "mirrored_age_dists": (N, 51)}} in data.csv's row order, each None where a fold run lacks it (ages: a
+    group member; mirrored: a run made before they were kept; age_dists: one made before they were), and the runs
+    read)."""
     if not cfg.oof_from:
         raise DataError("a run on all of data.csv (--val-fraction 0) has no validation faces: give --oof-from the "
                         "cross-validation sweeps of its recipe (bench/cv.py ... --recipe NAME=--keep-last) whose "
@@ -481,10 +487,26 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
                             f"data.csv exactly once ({len(parts)} runs, {len(index)} answers for {faces} faces)")
         order = np.argsort(index)
         answers[name] = {}
-        for key in ("probs", "ages", "mirrored_probs", "mirrored_ages"):  # None where a fold run lacks them
+        for key in ANSWER_KEYS:  # None where a fold run lacks them
             values = [a.get(key) for _, a in parts]
             answers[name][key] = None if any(v is None for v in values) else np.concatenate(values)[order]
     return answers, sources
+
+
+ANSWER_KEYS = ("probs", "ages", "mirrored_probs", "mirrored_ages", "age_dists", "mirrored_age_dists")
+
+
+def mixed_ages(answers: list[tuple[float, dict]], mirror: bool) -> np.ndarray | None:
+    """The graph's age from members' answers [(weight, {"age_dists": (N, 51), "mirrored_age_dists": ...})]: the
+    median of their distributions mixed with the weights renormalised among them (each averaged with its mirror's
+    when `mirror`); None without members or where an answer lacks its distributions (runs made before they were
+    kept)."""
+    views = ("age_dists", "mirrored_age_dists") if mirror else ("age_dists",)
+    if not answers or any(a.get(view) is None for _, a in answers for view in views):
+        return None
+    total = sum(w for w, _ in answers)
+    mix = sum(w / total * np.mean([a[view] for view in views], axis=0) for w, a in answers)
+    return age_summary(torch.from_numpy(np.asarray(mix, dtype=np.float32)))[0].numpy()
 
 
 def print_summary(results: list[dict], uniform: dict, without_flip: dict, with_flip: dict | None,
