@@ -27,8 +27,8 @@ SEED_REPORT = {"best single CNN": 0.686, "hand-weighted 5-model ensemble": 0.708
 
 
 def pytorch_probabilities(run_dir: Path, images: np.ndarray, gender: np.ndarray, race: np.ndarray) -> dict:
-    """(group probabilities (N, 5), expected age (N,) or None) of every member checkpoint of a run by name, and of
-    the ensemble as exported. A member's expected age comes from its exact-age head; group members have none."""
+    """(group probabilities (N, 5), median age (N,) or None) of every member checkpoint of a run by name, and of
+    the ensemble as exported. A member's median age comes from its exact-age head; group members have none."""
     import torch
 
     from training.data import Batches, to_nchw
