@@ -447,6 +447,10 @@ def same_recipe(a: dict, b: dict, also_ignored: tuple[str, ...] = ()) -> bool:
 SPLIT_SETTINGS = ("val_fraction", "folds", "fold", "keep_last")  # where a run validates, not how it trains
 
 
+# what a fold run keeps of each member, face by face (ensemble.pt "member_val"), and a run on all faces reads
+ANSWER_KEYS = ("probs", "ages", "mirrored_probs", "mirrored_ages", "age_dists", "mirrored_age_dists")
+
+
 def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_sha256: str) -> tuple[dict, list]:
     """Each member's answers on every face of data.csv from the cross-validation runs that never trained on it:
     the fold runs (fold*/ensemble.pt) in the folders of `cfg.oof_from`, trained on the same data.csv by the same
@@ -491,9 +495,6 @@ def out_of_fold_answers(cfg: AgeTrainConfig, names: list[str], faces: int, data_
             values = [a.get(key) for _, a in parts]
             answers[name][key] = None if any(v is None for v in values) else np.concatenate(values)[order]
     return answers, sources
-
-
-ANSWER_KEYS = ("probs", "ages", "mirrored_probs", "mirrored_ages", "age_dists", "mirrored_age_dists")
 
 
 def mixed_ages(answers: list[tuple[float, dict]], mirror: bool) -> np.ndarray | None:
