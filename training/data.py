@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from serving.image import InputError, prepare_image
@@ -82,19 +81,13 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
 
 
 class BatchAugment:
-    """Train-only augmentation of a float (B, 3, H, W) batch of 0..255 pixels: random flip, rotation, shift and
-    scale; with `trivial`, first one TrivialAugment operation per image (Mueller & Hutter 2021: one of 14 colour
-    and geometric operations, drawn with a random strength, TrivialAugmentWide's ranges)."""
+    """Train-only augmentation of a float (B, 3, H, W) batch: random flip, rotation, shift and scale."""
 
-    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0,
-                 trivial: bool = False):
+    def __init__(self, flip: bool = True, degrees: float = 10.0, shift: float = 0.0, scale: float = 0.0):
         self.flip, self.degrees, self.shift, self.scale = flip, degrees, shift, scale
-        self.trivial = v2.TrivialAugmentWide() if trivial else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        if self.trivial is not None:  # its operations take uint8 images one at a time (the pixels are whole numbers)
-            x = torch.stack([self.trivial(image) for image in x.to(torch.uint8)]).float()
         angle = (torch.rand(b) * 2 - 1) * math.radians(self.degrees)
         zoom = 1 + (torch.rand(b) * 2 - 1) * self.scale
         mirror = torch.where(torch.rand(b) < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
@@ -108,7 +101,7 @@ class BatchAugment:
 
 
 AUGMENT_PRESETS = {
-    "faces": lambda trivial=False: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08, trivial=trivial),
+    "faces": lambda: BatchAugment(flip=True, degrees=10.0, shift=0.06, scale=0.08),
     "stl10": lambda: BatchAugment(flip=True, degrees=10.0),  # the course report's flips and +-10 degrees
 }
 

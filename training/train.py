@@ -302,7 +302,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             torch.manual_seed(member.seed + cfg.seed_offset)
             if member.arch in ("face", "lite"):  # pretrained: batch statistics from a sample of training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
-            augment = AUGMENT_PRESETS["faces"](cfg.trivial_augment) if cfg.augment else None
+            augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
                                     seed=member.seed + cfg.seed_offset)
             fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
