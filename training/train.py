@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
-from torch import nn
 from tqdm import tqdm
 
 from serving.cli import ArgumentParser, fail
@@ -55,35 +54,8 @@ CROP_SIDE = 200  # the data set's crops: the template is fitted on them at their
 CALIBRATION_IMAGES = 1024  # training images that set a pretrained backbone's BatchNorm statistics
 
 
-def sharpness_aware_step(model, inputs, target, loss_fn, optimizer, rho: float, amp: bool) -> None:
-    """SAM (Foret et al. 2021): with the gradients of the batch's loss in place, step the weights by `rho` along
-    them, take the gradients again there, step back and leave those for the optimizer. BatchNorm's running
-    statistics are updated by the first pass only."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    scale = rho / (torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) + 1e-12)
-    steps = [p.grad * scale for p in params]
-    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-    momenta = [m.momentum for m in norms]
-    with torch.no_grad():
-        for p, e in zip(params, steps):
-            p.add_(e)
-    for m in norms:
-        m.momentum = 0.0
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(*inputs)
-    loss_fn(logits.float(), target).backward()
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    with torch.no_grad():
-        for p, e in zip(params, steps):
-            p.sub_(e)
-
-
-def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train",
-                    sam: float = 0.0) -> dict:
-    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy.
-    With `sam` > 0, each step is sharpness-aware with that radius (twice the passes)."""
+def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = False, desc: str = "train") -> dict:
+    """One pass over the training batches; each batch is (*model inputs, target). Returns mean loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # silent when not a TTY
@@ -93,8 +65,6 @@ def train_one_epoch(model, batches, optimizer, scheduler, loss_fn, amp: bool = F
         loss = loss_fn(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if sam:
-            sharpness_aware_step(model, inputs, target, loss_fn, optimizer, sam, amp)
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * len(target)
@@ -149,7 +119,7 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", keep_last: bool = False, sam: float = 0.0) -> dict:
+        amp: bool = False, name: str = "model", keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
     on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
@@ -170,8 +140,7 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}",
-                                sam)
+        train = train_one_epoch(model, train_batches, optimizer, scheduler, loss_fn, amp, f"{name} {epoch}/{epochs}")
         if val_batches is None or (keep_last and epoch < epochs):  # nothing validated (this epoch, or at all)
             history.append({"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                             "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - start})
@@ -340,7 +309,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, keep_last=cfg.keep_last, sam=cfg.sam)
+                name=member.name, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         if all_data:  # its answers on faces it never saw: its fold runs'
