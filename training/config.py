@@ -123,7 +123,6 @@ class AgeTrainConfig:
     train_fraction: float = 1.0  # stratified share of the training split trained on (validation faces unchanged)
     seed_offset: int = 0  # added to every member's seed and to the training subsample's: the same recipe reseeded
     augment: bool = True  # random flip, small rotation, shift and scale on training batches only
-    framed: float = 0.0  # > 0: this share of training images is the crop re-framed by the served detector + template
     patience: int = 0  # stop a member after this many epochs without a better val loss (0 = never)
     members: tuple[str, ...] = ()  # the ensemble's member names (empty = the course's five members)
     threads: int = 0  # torch intra-op threads (0 = torch's default)

@@ -110,13 +110,10 @@ class Batches:
     """Mini-batches over in-memory tensors; the first tensor is uint8 images, cast to float (and augmented)."""
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool = False,
-                 augment=None, device: str | torch.device = "cpu", seed: int = 0,
-                 alternate: torch.Tensor | None = None, alternate_share: float = 0.0):
+                 augment=None, device: str | torch.device = "cpu", seed: int = 0):
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.augment, self.device = augment, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
-        # another version of every image (same order), drawn instead of it with chance alternate_share
-        self.alternate, self.alternate_share = alternate, alternate_share
 
     def __len__(self) -> int:
         return math.ceil(len(self.tensors[0]) / self.batch_size)
@@ -127,9 +124,6 @@ class Batches:
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             images, *rest = (t[idx.to(t.device)].to(self.device, non_blocking=True) for t in self.tensors)
-            if self.alternate is not None:
-                swap = (torch.rand(len(idx), generator=self.generator) < self.alternate_share).to(images.device)
-                images = torch.where(swap.view(-1, 1, 1, 1), self.alternate[idx.to(images.device)], images)
             images = images.float()  # (B, 3, H, W) in 0..255
             if self.augment is not None:
                 images = self.augment(images)

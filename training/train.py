@@ -276,10 +276,6 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                torch.tensor(table["Race"].to_numpy()), targets)
     tensors = tuple(t.to(device) for t in tensors)  # the whole data set fits on the device
     train_set = tuple(t[torch.from_numpy(train_idx).to(device)] for t in tensors)
-    framed = None
-    if cfg.framed > 0:  # the same crops as the served path frames them (serving/face.py)
-        framed = to_nchw(detector_framed(table["path"].tolist(), cfg.input_size)).to(device)
-        framed = framed[torch.from_numpy(train_idx).to(device)]
     val_set = tuple(t[torch.from_numpy(val_idx).to(device)] for t in tensors)
     val_batches = None if all_data else Batches(val_set, 256, device=device)
     mirrored_batches = Batches(val_set, 256, augment=lambda x: x.flip(3), device=device)  # for flip averaging
@@ -308,7 +304,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
-                                    seed=member.seed + cfg.seed_offset, alternate=framed, alternate_share=cfg.framed)
+                                    seed=member.seed + cfg.seed_offset)
             fit(model, train_batches, val_batches, epochs=member.epochs or cfg.epochs, lr=cfg.lr,
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
@@ -416,31 +412,6 @@ def starting_weights(arch: str) -> dict:
 
         return lite_provenance(find_lite_file())
     return {"name": "random initialisation"}
-
-
-def detector_framed(paths: list[str], size: int) -> np.ndarray:
-    """Every crop framed as /predict frames a photo: the detector's landmarks mapped onto the template fitted on
-    these crops, then resized to `size`; a crop without a face found stays as it is. (N, size, size, 3) uint8."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    from serving.face import FaceFinder, fit_template
-
-    t0 = time.perf_counter()
-    crops = load_images(paths, CROP_SIDE)
-    finder = FaceFinder()
-    finder.template = fit_template(finder, list(crops))
-
-    def one(crop: np.ndarray) -> np.ndarray:
-        faces = finder.find(crop)
-        image = finder.align(crop, faces[0]) if faces else Image.fromarray(crop)
-        return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-    with ThreadPoolExecutor() as pool:  # the finder runs one detection per copy (one per core) at a time
-        framed = np.stack(list(pool.map(one, crops)))
-    print(f"detector-framed {len(framed)} crops in {time.perf_counter() - t0:.0f}s", flush=True)
-    return framed
 
 
 def write_face_template(paths: list[str], out_dir: Path) -> dict:
