@@ -109,19 +109,6 @@ def test_augmentation_keeps_shape_and_changes_pixels_only_when_asked():
     assert torch.equal(plain, images)  # no augmentation at evaluation time
 
 
-def test_batches_draw_the_alternate_images_at_the_share_asked():
-    images = torch.zeros(400, 3, 2, 2, dtype=torch.uint8)
-    alternate = torch.full_like(images, 7)
-    rows = torch.arange(400)
-
-    def drawn(share: float) -> torch.Tensor:
-        batches = Batches((images, rows), 100, shuffle=True, alternate=alternate, alternate_share=share, seed=1)
-        return torch.cat([x[:, 0, 0, 0] for x, _ in batches])
-
-    assert set(drawn(0.0).tolist()) == {0.0} and set(drawn(1.0).tolist()) == {7.0}
-    assert 0.35 < (drawn(0.5) == 7).float().mean() < 0.65
-
-
 def test_training_run_writes_checkpoints_plots_and_ensemble(tiny_run):
     saved = torch.load(tiny_run / "ensemble.pt", weights_only=False)
     assert [m["name"] for m in saved["members"]] == ["nodrop", "vgg-age", "res-group"]
