@@ -1,6 +1,6 @@
 """Crops as /predict frames them: fold runs scored on their held-out faces both ways, paired by face.
 
-    .venv/bin/python bench/framing.py --run lr4=runs/cv/lr4 --run framed=runs/cv/framed
+    .venv/bin/python bench/framing.py --run shipped=runs/cv/lr4 [--run OTHER=runs/cv/OTHER ...]
 
 Each fold run's members (equal weights, as shipped) answer every face of data.csv they did not train on twice:
 the crop as the graph takes it (resized to the input size: what the hidden test and `aligned=true` feed it) and
