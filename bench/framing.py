@@ -55,6 +55,9 @@ def answer(run_fold: Path, views: dict[str, np.ndarray], gender: torch.Tensor, r
            labels: np.ndarray, ages: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
     """The fold run's held-out faces and, for each view, whether each was classified right and its age error."""
     ensemble, summary = load_age_ensemble(run_fold)
+    if summary["input_size"] != views["crop"].shape[1]:
+        raise SystemExit(f"bench/framing.py: {run_fold} takes {summary['input_size']} px faces, the shipped model "
+                         f"{views['crop'].shape[1]} px: score runs at the shipped model's input size")
     ensemble.weights.fill_(1 / len(ensemble.members))
     index = np.asarray(summary["val_index"])
     index = index[index < len(views["crop"])]  # with --limit, only the faces framed
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "framing.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if any("=" not in spec for spec in args.run):
+        parser.error("--run takes NAME=DIR, e.g. --run shipped=runs/cv/lr4")
     runs = dict(spec.split("=", 1) for spec in args.run)
     table = read_face_table(args.data_dir / "data.csv", labels=len(AGE_GROUPS), ages=(AGES[0], AGES[-1]))
     n = args.limit or len(table)
