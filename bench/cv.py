@@ -142,6 +142,12 @@ def mean_sd(values: list[float], scale: float = 100.0) -> tuple[float, float]:
     return scale * statistics.mean(values), scale * (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_se(differences: np.ndarray, scale: float = 100.0) -> tuple[float, float]:
+    """The mean of paired differences (face by face) and its standard error, times `scale`."""
+    d = scale * np.asarray(differences, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def by_face(folds: list[dict], key: str) -> np.ndarray:
     """A per-face array over every fold, ordered by the face's row in data.csv (so recipes pair by face)."""
     index = np.concatenate([f["index"] for f in folds])
@@ -207,9 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         if name != base_name:
             row["vs_base_by_fold"] = mean_sd([f["accuracy"] - b["accuracy"] for f, b in zip(folds, base)])
             diff = by_face(folds, "correct") - by_face(base, "correct")
-            row["vs_base_by_face"] = (100 * diff.mean(), 100 * diff.std(ddof=1) / np.sqrt(len(diff)))
+            row["vs_base_by_face"] = mean_se(diff)
             age_diff = by_face(folds, "abs_age_error") - by_face(base, "abs_age_error")
-            row["age_mae_vs_base_by_face"] = (age_diff.mean(), age_diff.std(ddof=1) / np.sqrt(len(age_diff)))
+            row["age_mae_vs_base_by_face"] = mean_se(age_diff, 1.0)
         report["recipes"][name] = row
         paired = (f"{row['vs_base_by_fold'][0]:+.2f} ± {row['vs_base_by_fold'][1]:.2f}",
                   f"{row['vs_base_by_face'][0]:+.2f} ± {row['vs_base_by_face'][1]:.2f} (SE)") \

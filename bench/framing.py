@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 sys.path.insert(0, str(REPO))  # before bench/, whose serving.py would shadow the serving package
 
+from bench.cv import mean_se  # noqa: E402
 from serving.face import FaceFinder, NoFace, prepare_face  # noqa: E402
 from serving.image import prepare_image  # noqa: E402
 from serving.runtime import MODEL_DIR  # noqa: E402
 from serving.table import read_face_table  # noqa: E402
 from training.config import AGE_GROUPS, AGES  # noqa: E402
-from training.export import load_age_ensemble  # noqa: E402
-from training.models import age_summary  # noqa: E402
+from training.export import AgeGraph, load_age_ensemble  # noqa: E402
 
 VIEWS = ("crop", "framed")
 
@@ -61,26 +61,18 @@ def answer(run_fold: Path, views: dict[str, np.ndarray], gender: torch.Tensor, r
     ensemble.weights.fill_(1 / len(ensemble.members))
     index = np.asarray(summary["val_index"])
     index = index[index < len(views["crop"])]  # with --limit, only the faces framed
-    out = {}
+    graph, out = AgeGraph(ensemble), {}
     for view, images in views.items():
-        probs, dists = [], []
-        with torch.no_grad():
+        predicted, predicted_ages = [], []
+        with torch.no_grad():  # what the ONNX graph computes: uint8 NHWC in, label and median age out
             for start in range(0, len(index), 128):
                 rows = index[start:start + 128]
-                x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float()
-                p, d = ensemble.predict(x, gender[rows], race[rows])
-                probs.append(p.numpy())
-                dists.append(d)
-        age = age_summary(torch.cat(dists))[0].numpy()
-        out[view] = {"correct": np.concatenate(probs).argmax(1) == labels[index],
-                     "age_error": np.abs(age - ages[index])}
+                _, label, age, _ = graph(torch.from_numpy(images[rows]), gender[rows], race[rows])
+                predicted.append(label.numpy())
+                predicted_ages.append(age.numpy())
+        out[view] = {"correct": np.concatenate(predicted) == labels[index],
+                     "age_error": np.abs(np.concatenate(predicted_ages) - ages[index])}
     return index, out
-
-
-def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of b - a and its standard error, in the units given (percentage points for 0/1 arrays x 100)."""
-    d = np.asarray(b, float) - np.asarray(a, float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,21 +113,21 @@ def main(argv: list[str] | None = None) -> None:
         views_scored = {v: {"accuracy": float(correct[v][seen].mean()), "age_mae_years": float(error[v][seen].mean())}
                         for v in VIEWS}
         results[name] = {"folder": folder, "faces": int(seen.sum()), **views_scored,
-                         "framed_minus_crop_points": paired(100 * correct["crop"][seen], 100 * correct["framed"][seen]),
-                         "framed_minus_crop_mae": paired(error["crop"][seen], error["framed"][seen]),
+                         "framed_minus_crop_points": mean_se(correct["framed"][seen] - correct["crop"][seen]),
+                         "framed_minus_crop_mae": mean_se(error["framed"][seen] - error["crop"][seen], 1.0),
                          "_correct": correct, "_error": error, "_seen": seen}
 
-    first = next(iter(results.values()))
+    first_name, first = next(iter(results.items()))
     print(f"\n| run | faces | crops | framed | framed − crops (points ± SE) | age MAE crops / framed | "
-          f"vs {next(iter(results))}: crops | framed |")
+          f"vs {first_name}: crops | framed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         against = ["", ""]
         if r is not first:
             seen = r["_seen"] & first["_seen"]
             for i, v in enumerate(VIEWS):
-                r[f"vs_first_{v}_points"] = paired(100 * first["_correct"][v][seen], 100 * r["_correct"][v][seen])
-                r[f"vs_first_{v}_mae"] = paired(first["_error"][v][seen], r["_error"][v][seen])
+                r[f"vs_first_{v}_points"] = mean_se(r["_correct"][v][seen] - first["_correct"][v][seen])
+                r[f"vs_first_{v}_mae"] = mean_se(r["_error"][v][seen] - first["_error"][v][seen], 1.0)
                 mean, se = r[f"vs_first_{v}_points"]
                 against[i] = f"{mean:+.2f} ± {se:.2f}"
         d, se = r["framed_minus_crop_points"]
