@@ -292,10 +292,10 @@ class AgeCNN(nn.Module):
                 self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
-        elif arch in ("facenet", "facenet17"):
+        elif arch in ("facenet", "facenet17", "facenet17_6"):
             from training.facenet_weights import CUTS, FEATURES, FaceNet
 
-            cut = "block17" if arch == "facenet17" else ""
+            cut = {"facenet17": "block17", "facenet17_6": "block17_6"}.get(arch, "")
             self.features, channels = FaceNet(cut=cut), CUTS[cut][1] if cut else FEATURES
             self.features.freeze(freeze)
         else:
