@@ -94,8 +94,6 @@ FACE_MEMBERS = (
     # FaceNet's Inception-ResNet-v1 (face recognition on CASIA-WebFace) cut after its block17s (a third of its
     # weights), the block17s fine-tuned (stem, block35s and reduction A frozen)
     MemberConfig("facenet17-age-frz3", seed=45, target="age", freeze=3, **{**FACE, "arch": "facenet17"}),
-    # cut after 6 of the block17s (6.9 M weights, to fit the 25 MB graph), reduction A and the block17s trained
-    MemberConfig("facenet176-age-frz2", seed=46, target="age", freeze=2, **{**FACE, "arch": "facenet17_6"}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),

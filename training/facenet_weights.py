@@ -34,8 +34,7 @@ INPUT_SIZE = 160  # the side FaceNet was trained at; any side from 75 px up runs
 FEATURES = 1792  # channels of the last block, pooled: what an AgeCNN head reads
 # Where a truncated network ends: the output of its 10 block17s (896 channels, 8x8 at 150 px), before reduction B
 # and the block8s, which hold most of its weights (about a third of them are left)
-CUTS = {"block17": ("InceptionResnetV1/Repeat_1/block17_10/Relu", 896),
-        "block17_6": ("InceptionResnetV1/Repeat_1/block17_6/Relu", 896)}  # after 6 of the 10: 6.9 M weights
+CUTS = {"block17": ("InceptionResnetV1/Repeat_1/block17_10/Relu", 896)}
 MEAN, STD = 127.5, 128.0  # the fixed image standardisation (x - 127.5) / 128 of the 2018 models
 # The network's parts in order, by name prefix: `freeze=k` keeps the first k at their pretrained weights.
 PARTS = ("InceptionResnetV1/Conv2d_", "InceptionResnetV1/Repeat/", "InceptionResnetV1/Mixed_6a/",

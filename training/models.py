@@ -292,10 +292,10 @@ class AgeCNN(nn.Module):
                 self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
-        elif arch in ("facenet", "facenet17", "facenet17_6"):
+        elif arch in ("facenet", "facenet17"):
             from training.facenet_weights import CUTS, FEATURES, FaceNet
 
-            cut = {"facenet17": "block17", "facenet17_6": "block17_6"}.get(arch, "")
+            cut = "block17" if arch == "facenet17" else ""
             self.features, channels = FaceNet(cut=cut), CUTS[cut][1] if cut else FEATURES
             self.features.freeze(freeze)
         else:
