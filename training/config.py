@@ -91,9 +91,6 @@ FACE_MEMBERS = (
     # 0.3x the head's rate (ImageNet features are further from faces than dlib's), or stem and 3 stages frozen
     MemberConfig("lite-age", seed=36, target="age", **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
     MemberConfig("lite-age-frz3", seed=37, target="age", freeze=3, **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
-    # FaceNet's Inception-ResNet-v1 (face recognition on CASIA-WebFace) cut after its block17s (a third of its
-    # weights), the block17s fine-tuned (stem, block35s and reduction A frozen)
-    MemberConfig("facenet17-age-frz3", seed=45, target="age", freeze=3, **{**FACE, "arch": "facenet17"}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),

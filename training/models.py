@@ -292,14 +292,8 @@ class AgeCNN(nn.Module):
                 self.features.descriptor.requires_grad_(False)
             for frozen in [self.features.stem, *self.features.stages[:freeze]]:
                 frozen.requires_grad_(False)
-        elif arch in ("facenet", "facenet17"):
-            from training.facenet_weights import CUTS, FEATURES, FaceNet
-
-            cut = "block17" if arch == "facenet17" else ""
-            self.features, channels = FaceNet(cut=cut), CUTS[cut][1] if cut else FEATURES
-            self.features.freeze(freeze)
         else:
-            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face, lite, facenet or facenet17")
+            raise ValueError(f"unknown arch {arch!r}; choose vgg, resnet, face or lite")
         self.pool = nn.AdaptiveAvgPool2d(1)  # identity-sized at 224 px with vgg; averages any map to 1x1
         outputs = {"group": len(AGE_GROUPS), "age": len(AGES)}[target]
         self.head = nn.Sequential(
@@ -508,10 +502,6 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
         from training.lite_weights import LITE_MEAN, LITE_STD, lite_state_dict
 
         state, mean, std = lite_state_dict(), (LITE_MEAN,) * 3, (LITE_STD,) * 3
-    elif pretrained and member.arch.startswith("facenet"):  # FaceNet() holds its graph's weights from the start
-        from training.facenet_weights import MEAN, STD
-
-        mean, std = (MEAN,) * 3, (STD,) * 3
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,

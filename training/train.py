@@ -411,10 +411,6 @@ def starting_weights(arch: str) -> dict:
         from training.lite_weights import find_lite_file, lite_provenance
 
         return lite_provenance(find_lite_file())
-    if arch.startswith("facenet"):
-        from training import facenet_weights
-
-        return facenet_weights.provenance(facenet_weights.find_graph_file())
     return {"name": "random initialisation"}
 
 
