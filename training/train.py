@@ -300,7 +300,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
             model.load_state_dict(previous["state_dict"])
         else:
             torch.manual_seed(member.seed + cfg.seed_offset)
-            if member.arch in ("face", "lite", "lite2"):  # pretrained: batch statistics from a sample of training images
+            if member.arch in ("face", "lite"):  # pretrained: batch statistics from a sample of training images
                 model.calibrate_batchnorm(train_set[0][torch.randperm(len(train_set[0]))[:CALIBRATION_IMAGES]])
             augment = AUGMENT_PRESETS["faces"]() if cfg.augment else None
             train_batches = Batches(train_set, cfg.batch_size, shuffle=True, augment=augment, device=device,
@@ -411,10 +411,6 @@ def starting_weights(arch: str) -> dict:
         from training.lite_weights import find_lite_file, lite_provenance
 
         return lite_provenance(find_lite_file())
-    if arch == "lite2":
-        from training.lite_weights import lite2_provenance
-
-        return lite2_provenance()
     return {"name": "random initialisation"}
 
 
