@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import face_pixels, random_faces
 
 from training.export import AGE_OUTPUTS, AgeGraph, example_age_inputs, export_graph
-from training.lite_weights import find_lite_file, lite_provenance, lite_state_dict
+from training.lite_weights import LITE_MEAN, LITE_STD, find_lite_file, lite_provenance, lite_state_dict
 from training.models import AgeEnsemble, LiteNet, SameConv, build_member, same_padding
 from training.quantize import QuantSettings, attribute, quantize_graph
 from training.train import starting_weights
@@ -82,7 +82,8 @@ NAMES = ["image", "gender", "race"]
 def lite_graph(tmp_path_factory):
     """A dlib member and a Lite0 member (random weights) in one float graph: (its path, the PyTorch graph)."""
     torch.manual_seed(0)
-    members = [build_member("face-age-frz", 150).eval(), build_member("lite-age", 150).eval()]
+    lite = build_member("lite-age", 150, mean=(LITE_MEAN,) * 3, std=(LITE_STD,) * 3)  # normalised as pretrained
+    members = [build_member("face-age-frz", 150).eval(), lite.eval()]
     graph = AgeGraph(AgeEnsemble(members, [0.5, 0.5]).eval()).eval()
     path = tmp_path_factory.mktemp("lite") / "lite.onnx"
     export_graph(graph, example_age_inputs(2, 150), NAMES, path, AGE_OUTPUTS)
@@ -118,3 +119,27 @@ def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, 
         if weights.dtype == np.int8:  # the first convolutions take uint8 weights
             widest[attribute(conv, "group", 1) > 1].append(int(np.abs(weights.astype(int)).max()))
     assert widest[True] and min(widest[True]) > 64 and widest[False] and max(widest[False]) <= 64
+
+
+def test_pads_and_the_lite_normalisation_stay_on_uint8_codes(lite_graph, tmp_path, monkeypatch):
+    """The int8 graph pads its quantized tensors as they are (the dlib shortcuts' channel padding, Lite's "SAME"
+    padding) and feeds Lite's stem the image's own codes, with no float Sub, Div or Pad left; and computes
+    exactly what the same quantization computes with those steps in float."""
+    import training.quantize as quantize
+
+    path, _ = lite_graph
+    faces, settings = random_faces(16, 0, side=150), QuantSettings(images=16)
+    steps = quantize_graph(onnx.load(str(path)), tmp_path / "codes.onnx", faces, settings)
+    model = onnx.load(str(tmp_path / "codes.onnx"))
+    producers = {o: node for node in model.graph.node for o in node.output}
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert steps["code_preserving_normalizations"] == 1 and steps["uint8_pads"] == len(pads) >= 5
+    assert not [n for n in model.graph.node if n.op_type in ("Sub", "Div")]
+    assert not [p for p in pads if producers[p.input[0]].op_type == "DequantizeLinear"]
+    monkeypatch.setattr(quantize, "uint8_pads", lambda model: 0)
+    monkeypatch.setattr(quantize, "drop_code_preserving_normalization", lambda model: 0)
+    quantize_graph(onnx.load(str(path)), tmp_path / "float_steps.onnx", faces, settings)
+    feed = {k: v.numpy() for k, v in zip(NAMES, example_age_inputs(6, 150, seed=3))}
+    (codes, *_), (float_steps, *_) = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                                      .run(None, feed) for name in ("codes.onnx", "float_steps.onnx"))
+    assert np.abs(codes - float_steps).max() < 1e-6

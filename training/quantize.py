@@ -6,8 +6,10 @@
 The float graph is prepared to quantize well (each member's input normalisation folded into its first
 convolution), calibrated on faces of the training split (never the validation split), and quantized in QDQ
 format: int8 per-channel convolution weights, uint8 activations, everything after the backbones (heads,
-softmaxes, weighted average, age and age range) left in float. The result is held to the float graph on
-real faces (label agreement, max |delta prob|) before it is written.
+softmaxes, weighted average, age and age range) left in float. What ONNX Runtime would run in float between
+a dequantization and a quantization is then made to run on the uint8 codes, exactly: the pixel ops in front
+of the first convolutions, every Pad, and a normalisation that keeps the pixels' codes. The result is held to
+the float graph on real faces (label agreement, max |delta prob|) before it is written.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
     # raw 0-255 pixels in: scale 1 and zero point 0 hold them exactly, so the uint8 image can feed them as is
     pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
     overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
+    overrides.update(code_preserving_scales(model))
     # Depthwise convolutions (one input channel a filter) run in MLAS's own kernel, which accumulates in 32 bits:
     # no saturation to avoid, and 7-bit weights there cost a Lite0 member 5 % of its labels (89.3 against 94.7 %).
     depthwise = [n for n in model.graph.node if n.op_type == "Conv" and n.name in keep and attribute(n, "group", 1) > 1]
@@ -192,8 +195,85 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
                         calibrate_method=CALIBRATION_METHODS[settings.method], extra_options=extra)
     quantized = onnx.load(str(out_path))
     direct = uint8_front(quantized)
+    kept = drop_code_preserving_normalization(quantized)
+    pads = uint8_pads(quantized)
     onnx.save(quantized, str(out_path))
-    return {"folded_convolutions": len(raw) + len(scaled), "uint8_fed_convolutions": direct}
+    return {"folded_convolutions": len(raw) + len(scaled), "uint8_fed_convolutions": direct,
+            "code_preserving_normalizations": kept, "uint8_pads": pads}
+
+
+def code_preserving_scales(model: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Quantization overrides for normalised pixels that no convolution folded (one padded first, as
+    EfficientNet-Lite's "SAME" stem does): (x - mean) / std quantized with scale 1 / std and zero point mean
+    has x's own codes, so drop_code_preserving_normalization can remove the float Sub and Div. Needs one
+    whole-number mean for every channel, 0-255, and one std."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    overrides = {}
+    for div in [n for n in model.graph.node if n.op_type == "Div"]:
+        sub = producers.get(div.input[0])
+        if sub is None or sub.op_type != "Sub" or sub.input[0] not in producers:
+            continue
+        cast = producers[sub.input[0]]
+        mean, std = constant_of(model, sub.input[1]), constant_of(model, div.input[1])
+        if cast.op_type != "Cast" or not reaches(producers, cast.input[0], uint8_inputs) or mean is None \
+                or std is None or np.ptp(mean) or np.ptp(std) or not 0 <= mean.flat[0] <= 255 \
+                or mean.flat[0] != round(float(mean.flat[0])) or std.flat[0] <= 0:
+            continue
+        codes = {"scale": np.array(1.0 / std.flat[0], np.float32), "zero_point": np.array(mean.flat[0], np.uint8)}
+        overrides[div.output[0]] = [codes]
+        for pad in consumers.get(div.output[0], []):  # a zero padding keeps the codes (it pads with the mean's)
+            if pad.op_type == "Pad" and zero_padding(model, pad):
+                overrides[pad.output[0]] = [codes]
+    return overrides
+
+
+def zero_padding(model: onnx.ModelProto, pad: onnx.NodeProto) -> bool:
+    """Whether a Pad node pads with constant zeros."""
+    if attribute(pad, "mode", b"constant") != b"constant":
+        return False
+    value = constant_of(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    return value is not None and not value.any()
+
+
+def drop_code_preserving_normalization(model: onnx.ModelProto) -> int:
+    """Remove each DequantizeLinear (or Cast of uint8 pixels) -> Sub -> Div -> QuantizeLinear chain that gives
+    every uint8 code back unchanged (code_preserving_scales arranges it), in place: its readers read the codes it
+    was given. Checked on all 256 codes, so a chain that would move one stays. Returns how many were removed."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    removed = set()
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        div = producers.get(q.input[0])
+        sub = producers.get(div.input[0]) if div is not None and div.op_type == "Div" else None
+        dq = producers.get(sub.input[0]) if sub is not None and sub.op_type == "Sub" else None
+        if dq is not None and dq.op_type == "Cast" and reaches(producers, dq.input[0], uint8_inputs):
+            source = [np.array(1.0, np.float32), np.array(0, np.uint8)]  # uint8 pixels cast to float: codes as is
+        elif dq is not None and dq.op_type == "DequantizeLinear":
+            source = [constant_of(model, name) for name in dq.input[1:3]]
+        else:
+            continue
+        values = source + [constant_of(model, name) for name in (sub.input[1], div.input[1], *q.input[1:3])]
+        if any(v is None for v in values) or values[0].size != 1 or values[4].size != 1:
+            continue
+        (in_scale, in_zero, mean, std, out_scale, out_zero) = values
+        codes = np.arange(256, dtype=np.float32)
+        normalised = ((codes - np.float32(in_zero.item())) * in_scale - mean.reshape(-1, 1)) / std.reshape(-1, 1)
+        back = np.clip(np.rint(normalised.astype(np.float32) / out_scale) + out_zero.item(), 0, 255)
+        if not (back == codes).all():
+            continue
+        for node in model.graph.node:
+            node.input[:] = [dq.input[0] if i == q.output[0] else i for i in node.input]
+        removed.add(q.name)
+    nodes = [n for n in model.graph.node if n.name not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    prune_dead(model)
+    return len(removed)
 
 
 PIXEL_OPS = ("Transpose", "Slice", "Resize")  # ops that move or resample pixels, which ONNX Runtime runs on uint8
@@ -236,6 +316,62 @@ def uint8_front(model: onnx.ModelProto) -> int:
     model.graph.node.extend(topological(nodes + added, model))
     prune_dead(model)
     return len(removed)
+
+
+def uint8_pads(model: onnx.ModelProto) -> int:
+    """Pad quantized tensors as they are, in place: a DequantizeLinear -> Pad -> QuantizeLinear chain with one
+    scale and zero point becomes a Pad of the uint8 tensor with the pad value's uint8 code (exact wherever that
+    value is a code: zero padding pads with the zero point). ONNX Runtime fuses no Pad into its int8 kernels, so
+    each would run in float between a dequantization and a quantization, on one thread; a shortcut's channel
+    padding, a "SAME" padding. A Pad whose output is not requantized gets the DequantizeLinear after it instead.
+    Returns how many Pad nodes now run on uint8."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def params(node) -> tuple | None:  # a per-tensor (scale, zero point) of a Quantize/DequantizeLinear
+        if len(node.input) < 3:
+            return None
+        scale, zero = constant_of(model, node.input[1]), constant_of(model, node.input[2])
+        return None if scale is None or zero is None or scale.size != 1 or zero.size != 1 else (scale.item(), zero)
+
+    removed, added, count = set(), [], 0
+    for pad in [n for n in model.graph.node if n.op_type == "Pad" and attribute(n, "mode", b"constant") == b"constant"]:
+        dq = producers.get(pad.input[0])
+        quant = params(dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if quant is None:
+            continue
+        (scale, zero), readers = quant, consumers.get(pad.output[0], [])
+        value = constant_of(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        if value is None or value.size != 1:
+            continue
+        code = value.item() / scale + int(zero.item())
+        info = np.iinfo(zero.dtype)
+        if abs(code - round(code)) > 1e-4 or not info.min <= round(code) <= info.max:
+            continue
+        requantized = readers and all(r.op_type == "QuantizeLinear" and (p := params(r)) is not None
+                                      and p[0] == scale and p[1] == zero for r in readers)
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(round(code), zero.dtype), f"{pad.name}.code")])
+        out = f"{pad.output[0]}.u8"
+        added.append(onnx.helper.make_node("Pad", [dq.input[0], pad.input[1], f"{pad.name}.code", *pad.input[3:]],
+                                           [out], name=f"{pad.name}.u8", mode="constant"))
+        if requantized:  # the QuantizeLinear nodes go; their readers read the uint8 Pad
+            for q in readers:
+                for node in model.graph.node:
+                    node.input[:] = [out if i == q.output[0] else i for i in node.input]
+                removed.add(q.name)
+        else:  # the float readers get the same values through a DequantizeLinear after the Pad
+            added.append(onnx.helper.make_node("DequantizeLinear", [out, *dq.input[1:]], [pad.output[0]],
+                                               name=f"{pad.name}.dq"))
+        removed.add(pad.name)
+        count += 1
+    nodes = [n for n in model.graph.node if n.name not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(topological(nodes + added, model))
+    prune_dead(model)
+    return count
 
 
 def reaches(producers: dict, name: str, sources: set[str]) -> bool:
