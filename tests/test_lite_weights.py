@@ -104,7 +104,7 @@ def test_lite_member_exports_with_parity(lite_graph):
 
 def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, tmp_path):
     """ReLU6 (Clip) is quantized, so it folds into its convolution's output range; depthwise convolutions keep
-    8-bit weights (|q| up to 127), the others 7-bit (reduce_range: |q| up to 64)."""
+    8-bit weights (|q| up to 127), the others, the first ones included, 7-bit (reduce_range: |q| up to 64)."""
     path, _ = lite_graph
     out = tmp_path / "lite.int8.onnx"
     quantize_graph(onnx.load(str(path)), out, random_faces(16, 0, side=150), QuantSettings(images=16))
@@ -116,8 +116,8 @@ def test_lite_member_quantizes_its_clips_and_depthwise_convolutions(lite_graph, 
     widest = {True: [], False: []}  # depthwise or not -> the largest |q| of each convolution's weights
     for conv in (c for c in model.graph.node if c.op_type == "Conv"):
         weights = inits[producers[conv.input[1]].input[0]]
-        if weights.dtype == np.int8:  # the first convolutions take uint8 weights
-            widest[attribute(conv, "group", 1) > 1].append(int(np.abs(weights.astype(int)).max()))
+        assert weights.dtype == np.int8
+        widest[attribute(conv, "group", 1) > 1].append(int(np.abs(weights.astype(int)).max()))
     assert widest[True] and min(widest[True]) > 64 and widest[False] and max(widest[False]) <= 64
 
 

@@ -162,3 +162,27 @@ def test_the_first_convolution_reads_the_uint8_pixels(toy_graph, tmp_path):
     feed = random_faces(16, 4).feeds()[0]
     (p_float, l_float), (p_int8, l_int8) = run(toy_graph, feed), run(out, feed)
     assert np.abs(p_float - p_int8).max() < 0.05 and (l_float == l_int8).mean() >= 0.8
+
+
+def test_the_folded_bias_answers_for_the_rounded_weights(toy_graph, tmp_path):
+    """On raw pixels, rounding the folded weights W / std by e would shift each output channel by sum(e * mean);
+    the int8 stem's bias takes it back: at x = mean its output is the original bias, to the bias's own step."""
+    out = tmp_path / "toy.int8.onnx"
+    quantize_graph(onnx.load(str(toy_graph)), out, random_faces(64, 3), TINY)
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def dequantized(name):
+        dq = producers[name]
+        codes, scale, *zero = (onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n))
+                               for n in dq.input)
+        zero = zero[0] if zero else np.zeros_like(scale)
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        return (codes.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.reshape(shape), scale
+
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    (weight, _), (bias, step) = dequantized(stem.input[1]), dequantized(stem.input[2])
+    toy = Toy()
+    mean = toy.mean.reshape(1, 3, 1, 1).double().numpy()
+    at_mean = (weight * mean).sum(axis=(1, 2, 3)) + bias
+    assert np.abs(at_mean - toy.convs[0].bias.detach().double().numpy()).max() <= step.max()

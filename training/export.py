@@ -425,7 +425,8 @@ def add_quant_options(parser) -> None:
     parser.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default=defaults.method,
                         help=f"how activation ranges are chosen (default {defaults.method})")
     parser.add_argument("--full-range", action="store_true",
-                        help="8-bit weights instead of 7-bit (only on CPUs with VNNI: elsewhere products saturate)")
+                        help="8-bit weights instead of 7-bit, the first convolutions' excepted (only on CPUs "
+                        "with VNNI: elsewhere products saturate)")
 
 
 if __name__ == "__main__":

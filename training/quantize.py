@@ -55,7 +55,8 @@ class QuantSettings:
                 "weights": "int8 per output channel", "reduce_range": self.reduce_range,
                 "depthwise_convolutions": "full-range int8 weights (MLAS accumulates them in 32 bits)",
                 "activations": "uint8, asymmetric",
-                "first_convolutions": "uint8 weights (u8 x u8 kernel: no saturation on raw pixels)",
+                "first_convolutions": "7-bit int8 weights whatever reduce_range says (u8 x s8 pairs of raw pixels "
+                "stay under 2^15 without VNNI), biases corrected for the weights' rounding on the folded mean",
                 "calibration_method": self.method, "settings": asdict(self)}
 
 
@@ -75,9 +76,10 @@ def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
-def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """Fold every `Conv((x - mean) / std)` into `Conv'(x)`, in place. Returns the names of the convolutions
-    that now read x itself, and of those that read x - mean.
+def fold_input_normalization(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Fold every `Conv((x - mean) / std)` into `Conv'(x)`, in place. Returns the convolutions that now read x
+    itself (name: the mean per input channel, which correct_folded_biases needs), and the names of those that
+    read x - mean.
 
     The division folds exactly into the weights (W / std per input channel). The mean folds into the bias
     (b - sum W * mean / std) only where the convolution pads nothing: a zero-padded border would stand for
@@ -89,7 +91,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     inits = {init.name: init for init in model.graph.initializer}
-    raw, scaled = [], []
+    raw, scaled = {}, []
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
         div = producers.get(conv.input[0])
         if div is None or div.op_type != "Div" or len(consumers[div.output[0]]) != 1 or conv.input[1] not in inits:
@@ -114,7 +116,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
         if padless:  # both steps folded: the convolution reads the un-normalised input
             bias = bias - (divided * mean.reshape(1, -1, 1, 1)).sum(axis=(1, 2, 3))
             conv.input[0] = sub.input[0]
-            raw.append(conv.name)
+            raw[conv.name] = mean.astype(np.float64)
         else:  # only the division folded: the convolution reads x - mean
             conv.input[0] = sub.output[0]
             scaled.append(conv.name)
@@ -126,6 +128,33 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[list[str], list[st
             conv.input.append(f"{tag}.bias")
     prune_dead(model)  # the Sub and Div no convolution reads any more, and their constants
     return raw, scaled
+
+
+def correct_folded_biases(quantized: onnx.ModelProto, folded: onnx.ModelProto, means: dict[str, np.ndarray]) -> None:
+    """Give each convolution that reads raw pixels the bias its quantized weights need, in place.
+
+    Folding the mean made the bias b - sum(W * mean): right for the float weights W, but the int8 graph
+    multiplies by the quantized W + e, and on uncentred 0-255 pixels the error's mean part, sum(e * mean), is
+    a constant shift of each output channel. The bias b - sum((W + e) * mean) takes it back, so the convolution
+    computes (W + e) * (x - mean) + b, as it would have on the centred input."""
+    float_inits = {init.name: init for init in folded.graph.initializer}
+    float_convs = {n.name: n for n in folded.graph.node if n.op_type == "Conv"}
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    inits = {init.name: init for init in quantized.graph.initializer}
+    for conv in [n for n in quantized.graph.node if n.op_type == "Conv" and n.name in means and len(n.input) > 2]:
+        weight_dq, bias_dq = producers.get(conv.input[1]), producers.get(conv.input[2])
+        if weight_dq is None or bias_dq is None or bias_dq.input[0] not in inits:
+            continue
+        codes, scale = numpy_helper.to_array(inits[weight_dq.input[0]]), constant_of(quantized, weight_dq.input[1])
+        zero = constant_of(quantized, weight_dq.input[2]) if len(weight_dq.input) > 2 else np.zeros_like(scale)
+        shape = (-1,) + (1,) * (codes.ndim - 1)
+        dequantized = (codes.astype(np.float64) - zero.astype(np.float64).reshape(shape)) * scale.reshape(shape)
+        weight = numpy_helper.to_array(float_inits[float_convs[conv.name].input[1]]).astype(np.float64)
+        shift = ((weight - dequantized) * means[conv.name].reshape(1, -1, 1, 1)).sum(axis=(1, 2, 3))
+        bias_scale = constant_of(quantized, bias_dq.input[1]).astype(np.float64)
+        bias = numpy_helper.to_array(inits[bias_dq.input[0]]).astype(np.float64) * bias_scale + shift
+        corrected = np.round(bias / bias_scale).astype(np.int32)
+        inits[bias_dq.input[0]].CopyFrom(numpy_helper.from_array(corrected, bias_dq.input[0]))
 
 
 class FaceBatches(CalibrationDataReader):
@@ -170,10 +199,11 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
     raw, scaled = fold_input_normalization(model)
     keep = set(backbone_nodes(model))
     exclude = [n.name for n in model.graph.node if n.name not in keep]
-    # The first convolutions see the full 0-255 range, where 8-bit u8 x s8 products saturate without VNNI and
-    # 7-bit weights cost 0.9 point: they get uint8 weights (u8 x u8 kernel) instead (training/README.md).
-    firsts = [n for n in model.graph.node if n.name in raw + scaled]
-    overrides = {n.input[1]: [{"quant_type": QuantType.QUInt8}] for n in firsts}
+    # The first convolutions see the full 0-255 range, where 8-bit u8 x s8 pairs overflow int16 without VNNI
+    # (2 x 255 x 127 > 32767): their weights stay 7-bit (2 x 255 x 64 < 32767) even with reduce_range off. On
+    # uncentred pixels 7-bit weights cost labels unless their biases are corrected (correct_folded_biases).
+    firsts = [n for n in model.graph.node if n.name in raw or n.name in scaled]
+    overrides = {n.input[1]: [{"reduce_range": True}] for n in firsts}
     # raw 0-255 pixels in: scale 1 and zero point 0 hold them exactly, so the uint8 image can feed them as is
     pixels = {"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}
     overrides.update({n.input[0]: [pixels] for n in firsts if n.name in raw})
@@ -194,6 +224,7 @@ def quantize_graph(float_model: onnx.ModelProto, out_path: Path, faces: Faces,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=CALIBRATION_METHODS[settings.method], extra_options=extra)
     quantized = onnx.load(str(out_path))
+    correct_folded_biases(quantized, model, raw)
     direct = uint8_front(quantized)
     kept = drop_code_preserving_normalization(quantized)
     pads = uint8_pads(quantized)
