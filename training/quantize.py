@@ -76,6 +76,48 @@ def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     return None
 
 
+def consumers_of(model: onnx.ModelProto) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def uint8_inputs_of(model: onnx.ModelProto) -> set[str]:
+    """The names of the graph's uint8 inputs (the image)."""
+    return {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+
+
+def pad_value(model: onnx.ModelProto, pad: onnx.NodeProto) -> np.ndarray | None:
+    """A Pad node's constant value: zeros where it has none, None where it is not a constant."""
+    return constant_of(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+
+
+def per_tensor_params(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, np.ndarray] | None:
+    """A Quantize/DequantizeLinear's one scale and zero point; None where they are per channel or not constant."""
+    if len(node.input) < 3:
+        return None
+    scale, zero = constant_of(model, node.input[1]), constant_of(model, node.input[2])
+    return None if scale is None or zero is None or scale.size != 1 or zero.size != 1 else (scale.item(), zero)
+
+
+def rewire(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Every node that reads tensor `old` reads `new` instead, in place."""
+    for node in model.graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def rebuild(model: onnx.ModelProto, removed: set[str], added: list | None = None) -> None:
+    """The graph's nodes less those named in `removed`, plus `added`, in an order ONNX accepts; then what
+    nothing reads any more is pruned. In place."""
+    nodes = [n for n in model.graph.node if n.name not in removed]
+    del model.graph.node[:]
+    model.graph.node.extend(topological(nodes + added, model) if added else nodes)
+    prune_dead(model)
+
+
 def fold_input_normalization(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], list[str]]:
     """Fold every `Conv((x - mean) / std)` into `Conv'(x)`, in place. Returns the convolutions that now read x
     itself (name: the mean per input channel, which correct_folded_biases needs), and the names of those that
@@ -86,10 +128,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[dict[str, np.ndarr
     x = 0 instead of x = mean. A padding convolution keeps its Sub, so the graph computes the same function
     either way. Folding leaves the convolution reading raw 0-255 pixels, which quantize exactly."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(model)
     inits = {init.name: init for init in model.graph.initializer}
     raw, scaled = {}, []
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
@@ -239,11 +278,8 @@ def code_preserving_scales(model: onnx.ModelProto) -> dict[str, list[dict]]:
     has x's own codes, so drop_code_preserving_normalization can remove the float Sub and Div. Needs one
     whole-number mean for every channel, 0-255, and one std."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    consumers = consumers_of(model)
+    uint8_inputs = uint8_inputs_of(model)
     overrides = {}
     for div in [n for n in model.graph.node if n.op_type == "Div"]:
         sub = producers.get(div.input[0])
@@ -267,7 +303,7 @@ def zero_padding(model: onnx.ModelProto, pad: onnx.NodeProto) -> bool:
     """Whether a Pad node pads with constant zeros."""
     if attribute(pad, "mode", b"constant") != b"constant":
         return False
-    value = constant_of(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+    value = pad_value(model, pad)
     return value is not None and not value.any()
 
 
@@ -276,7 +312,7 @@ def drop_code_preserving_normalization(model: onnx.ModelProto) -> int:
     every uint8 code back unchanged (code_preserving_scales arranges it), in place: its readers read the codes it
     was given. Checked on all 256 codes, so a chain that would move one stays. Returns how many were removed."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    uint8_inputs = uint8_inputs_of(model)
     removed = set()
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
         div = producers.get(q.input[0])
@@ -297,13 +333,9 @@ def drop_code_preserving_normalization(model: onnx.ModelProto) -> int:
         back = np.clip(np.rint(normalised.astype(np.float32) / out_scale) + out_zero.item(), 0, 255)
         if not (back == codes).all():
             continue
-        for node in model.graph.node:
-            node.input[:] = [dq.input[0] if i == q.output[0] else i for i in node.input]
+        rewire(model, q.output[0], dq.input[0])
         removed.add(q.name)
-    nodes = [n for n in model.graph.node if n.name not in removed]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    prune_dead(model)
+    rebuild(model, removed)
     return len(removed)
 
 
@@ -316,12 +348,11 @@ def uint8_front(model: onnx.ModelProto) -> int:
     (crop, resize), run those ops on the uint8 image instead and let the DequantizeLinear read their output.
     Returns how many such QuantizeLinear nodes were removed."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    uint8_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    uint8_inputs = uint8_inputs_of(model)
     removed, added = set(), []
     def unit(node) -> bool:  # a Quantize/DequantizeLinear with scale 1 and zero point 0: uint8 <-> float as is
-        scale, zero = constant_of(model, node.input[1]), constant_of(model, node.input[2])
-        return (scale is not None and zero is not None and zero.dtype == np.uint8 and scale.size == 1
-                and scale.item() == 1.0 and zero.item() == 0)
+        params = per_tensor_params(model, node)
+        return params is not None and params[1].dtype == np.uint8 and params[0] == 1.0 and params[1].item() == 0
 
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear" and unit(n)]:
         chain, name = [], q.input[0]  # pixel ops between the float pixels and the QuantizeLinear, last first
@@ -339,13 +370,9 @@ def uint8_front(model: onnx.ModelProto) -> int:
             copy.attribute.extend(node.attribute)
             added.append(copy)
             source = copy.output[0]
-        for node in model.graph.node:  # the DequantizeLinear (and anything else) reads the uint8 pixels
-            node.input[:] = [source if i == q.output[0] else i for i in node.input]
+        rewire(model, q.output[0], source)  # the DequantizeLinear (and anything else) reads the uint8 pixels
         removed.add(q.name)
-    nodes = [n for n in model.graph.node if n.name not in removed]
-    del model.graph.node[:]
-    model.graph.node.extend(topological(nodes + added, model))
-    prune_dead(model)
+    rebuild(model, removed, added)
     return len(removed)
 
 
@@ -357,32 +384,23 @@ def uint8_pads(model: onnx.ModelProto) -> int:
     padding, a "SAME" padding. A Pad whose output is not requantized gets the DequantizeLinear after it instead.
     Returns how many Pad nodes now run on uint8."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def params(node) -> tuple | None:  # a per-tensor (scale, zero point) of a Quantize/DequantizeLinear
-        if len(node.input) < 3:
-            return None
-        scale, zero = constant_of(model, node.input[1]), constant_of(model, node.input[2])
-        return None if scale is None or zero is None or scale.size != 1 or zero.size != 1 else (scale.item(), zero)
+    consumers = consumers_of(model)
 
     removed, added, count = set(), [], 0
     for pad in [n for n in model.graph.node if n.op_type == "Pad" and attribute(n, "mode", b"constant") == b"constant"]:
         dq = producers.get(pad.input[0])
-        quant = params(dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        quant = per_tensor_params(model, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if quant is None:
             continue
         (scale, zero), readers = quant, consumers.get(pad.output[0], [])
-        value = constant_of(model, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        value = pad_value(model, pad)
         if value is None or value.size != 1:
             continue
         code = value.item() / scale + int(zero.item())
         info = np.iinfo(zero.dtype)
         if abs(code - round(code)) > 1e-4 or not info.min <= round(code) <= info.max:
             continue
-        requantized = readers and all(r.op_type == "QuantizeLinear" and (p := params(r)) is not None
+        requantized = readers and all(r.op_type == "QuantizeLinear" and (p := per_tensor_params(model, r)) is not None
                                       and p[0] == scale and p[1] == zero for r in readers)
         model.graph.initializer.extend([numpy_helper.from_array(np.array(round(code), zero.dtype), f"{pad.name}.code")])
         out = f"{pad.output[0]}.u8"
@@ -390,18 +408,14 @@ def uint8_pads(model: onnx.ModelProto) -> int:
                                            [out], name=f"{pad.name}.u8", mode="constant"))
         if requantized:  # the QuantizeLinear nodes go; their readers read the uint8 Pad
             for q in readers:
-                for node in model.graph.node:
-                    node.input[:] = [out if i == q.output[0] else i for i in node.input]
+                rewire(model, q.output[0], out)
                 removed.add(q.name)
         else:  # the float readers get the same values through a DequantizeLinear after the Pad
             added.append(onnx.helper.make_node("DequantizeLinear", [out, *dq.input[1:]], [pad.output[0]],
                                                name=f"{pad.name}.dq"))
         removed.add(pad.name)
         count += 1
-    nodes = [n for n in model.graph.node if n.name not in removed]
-    del model.graph.node[:]
-    model.graph.node.extend(topological(nodes + added, model))
-    prune_dead(model)
+    rebuild(model, removed, added)
     return count
 
 
