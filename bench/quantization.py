@@ -1,4 +1,5 @@
-"""int8 against float of the same members, in one run: speed in-process (batch 1 and 32, 1 and 2 threads),
+"""int8 against float of the same members, in one run: speed in-process (batch 1 and 32, 1 and 2 threads, and
+the service's layout: two 1-thread batches side by side),
 validation accuracy, macro-F1, age MAE, label agreement, max |delta prob|, file size, and /predict served at
 32 clients with each graph. Prints a table; writes bench/results/quantization.json.
 
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +30,13 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving import images_per_s, measured_load, null_model, warm_server  # noqa: E402
 from serving.runtime import MODEL_DIR, OnnxModel  # noqa: E402
+from serving.service import MAX_BATCH_SIZE  # noqa: E402
 from training.quantize import compare_on_faces, split_faces  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 BATCHES, THREADS, ROUNDS = (1, 32), (1, 2), 3
+# The serving layout's compute (serving/runtime.py on 2 cores): two 1-thread batches of up to MAX_BATCH_SIZE at once.
+SIDE_BY_SIDE = f"2 x 1 thread batch={MAX_BATCH_SIZE} side by side"
 
 
 def cpu_name() -> str:
@@ -58,7 +63,29 @@ def in_process(paths: dict[str, Path], faces) -> dict:
                     rate = images_per_s(lambda: model.predict(*batch), n, seconds=2.0)
                     key = f"threads={threads} batch={n}"
                     speeds[name][key] = max(speeds[name].get(key, 0.0), rate)
+    pairs = {name: [OnnxModel(path, device="cpu", threads=1) for _ in range(2)] for name, path in paths.items()}
+    batch = (faces.images[:MAX_BATCH_SIZE], faces.gender[:MAX_BATCH_SIZE], faces.race[:MAX_BATCH_SIZE])
+    for _ in range(ROUNDS):
+        for name, pair in pairs.items():
+            rate = side_by_side([lambda model=model: model.predict(*batch) for model in pair], MAX_BATCH_SIZE)
+            speeds[name][SIDE_BY_SIDE] = max(speeds[name].get(SIDE_BY_SIDE, 0.0), rate)
     return speeds
+
+
+def side_by_side(runs: list, n: int, seconds: float = 2.0) -> float:
+    """Images per second of the `runs` called at once, each in a thread of its own (onnxruntime releases the GIL),
+    one batch of n per call: what the service's batches running side by side can compute at most."""
+    rates = [0.0] * len(runs)
+
+    def measure(i: int) -> None:
+        rates[i] = images_per_s(runs[i], n, seconds)
+
+    workers = [threading.Thread(target=measure, args=(i,)) for i in range(len(runs))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(rates)
 
 
 def served(paths: dict[str, Path], faces, clients: int, requests: int, rounds: int) -> dict:
@@ -132,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            - 1000 / speeds[name]["threads=2 batch=1"])
             row["served / in-process b32 timed beside it"] = (service[name]["rps"]
                                                               / service[name]["in_process_batch32"])
+            row["served / side by side"] = service[name]["rps"] / speeds[name][SIDE_BY_SIDE]
             row["1 client p50 - null graph's - in-process batch 1 ms"] = (
                 row["1 client p50 - in-process batch 1 ms"] - service["null"]["alone"]["p50_ms"])
         rows.append(row)
