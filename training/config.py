@@ -111,7 +111,6 @@ class AgeTrainConfig:
     weight_decay: float = 5e-4  # decoupled (AdamW) weight decay
     label_smoothing: float = 0.1  # cross-entropy label smoothing; ages are noisy labels
     age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age
-    group_loss: float = 0.0  # "age" members: weight of a group cross-entropy (the age probabilities summed by group)
     val_fraction: float = 0.12  # stratified share of data.csv held out for validation and weight fitting (0 = none:
     # train on all of data.csv, with the ensemble weights fitted on --oof-from's out-of-fold answers)
     oof_from: tuple[str, ...] = ()  # with --val-fraction 0: cross-validation sweeps (folders of fold0..foldK-1 runs

@@ -226,14 +226,7 @@ def make_member_loss(cfg: AgeTrainConfig, model):
     Targets are (B, 2) [label, age]."""
     if getattr(model, "target", "group") == "group":
         return make_loss(cfg.label_smoothing)
-    if not cfg.group_loss:
-        return lambda logits, y: age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
-
-    def age_and_group_loss(logits, y):  # the groups' log-probabilities: log of each group's summed age mass
-        groups = torch.log((logits.softmax(1) @ model.age_to_group).clamp_min(1e-8))
-        return (age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
-                + cfg.group_loss * F.nll_loss(groups, class_of(y)))
-    return age_and_group_loss
+    return lambda logits, y: age_distribution_loss(logits, y[:, 1], cfg.age_sigma)
 
 
 def pick_device(name: str) -> torch.device:
