@@ -108,7 +108,6 @@ class AgeTrainConfig:
     batch_size: int = 64  # images per optimisation step
     lr: float = 2e-3  # peak Adam learning rate, reached after warmup and then cosine-decayed
     warmup_epochs: float = 1.0  # linear warmup length in epochs
-    head_epochs: float = 0.0  # members with a backbone: only the head learns for this many epochs (probe, then tune)
     weight_decay: float = 5e-4  # decoupled (AdamW) weight decay
     label_smoothing: float = 0.1  # cross-entropy label smoothing; ages are noisy labels
     age_sigma: float = 2.0  # "age" members: std in years of the Gaussian target around the true age

@@ -119,7 +119,7 @@ def classification_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
 
 def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_decay: float, loss_fn,
         checkpoint: Path, extra: dict, warmup_epochs: float = 0.0, lr_step: int = 0, patience: int = 0,
-        amp: bool = False, name: str = "model", keep_last: bool = False, head_epochs: float = 0.0) -> dict:
+        amp: bool = False, name: str = "model", keep_last: bool = False) -> dict:
     """Train with AdamW and a warmup+cosine (or halving step) schedule; keep the best-on-validation weights
     (with `keep_last`: the last epoch's, and validate only after it, as a fold run must to stand in for a run
     on all of data.csv, which has no validation to choose by; with `val_batches` None: the last epoch's, never
@@ -137,9 +137,6 @@ def fit(model, train_batches, val_batches, *, epochs: int, lr: float, weight_dec
     else:
         schedule = lambda step: (step + 1) / warmup if step < warmup else 0.5 * (  # noqa: E731
             1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
-    if head_epochs and hasattr(model, "parameter_groups"):  # [backbone, head]: the backbone still at first
-        held, shared = int(head_epochs * steps_per_epoch), schedule
-        schedule = [lambda step: shared(step) if step >= held else 0.0, shared]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history, best, best_loss, stale, start = [], None, float("inf"), 0, time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -312,7 +309,7 @@ def train_age_ensemble(cfg: AgeTrainConfig) -> dict:
                 weight_decay=cfg.weight_decay, loss_fn=loss_fn, checkpoint=checkpoint,
                 extra={**common, "member": asdict(member), "starting_weights": origin},
                 warmup_epochs=cfg.warmup_epochs, patience=cfg.patience, amp=cfg.amp and device.type == "cuda",
-                name=member.name, keep_last=cfg.keep_last, head_epochs=cfg.head_epochs)
+                name=member.name, keep_last=cfg.keep_last)
             previous = torch.load(checkpoint, weights_only=False)
         plot_curves(previous["history"], out / f"curves-{member.name}.png", member.name)
         if all_data:  # its answers on faces it never saw: its fold runs'
