@@ -67,13 +67,18 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 
 def constant_of(model: onnx.ModelProto, name: str) -> np.ndarray | None:
     """The value of an initializer, reached directly or through Identity nodes; None if it is not constant."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     while name in producers and producers[name].op_type == "Identity":
         name = producers[name].input[0]
     for init in model.graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
     return None
+
+
+def producers_of(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that writes it."""
+    return {out: node for node in model.graph.node for out in node.output}
 
 
 def consumers_of(model: onnx.ModelProto) -> dict[str, list]:
@@ -127,7 +132,7 @@ def fold_input_normalization(model: onnx.ModelProto) -> tuple[dict[str, np.ndarr
     (b - sum W * mean / std) only where the convolution pads nothing: a zero-padded border would stand for
     x = 0 instead of x = mean. A padding convolution keeps its Sub, so the graph computes the same function
     either way. Folding leaves the convolution reading raw 0-255 pixels, which quantize exactly."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     consumers = consumers_of(model)
     inits = {init.name: init for init in model.graph.initializer}
     raw, scaled = {}, []
@@ -178,7 +183,7 @@ def correct_folded_biases(quantized: onnx.ModelProto, folded: onnx.ModelProto, m
     computes (W + e) * (x - mean) + b, as it would have on the centred input."""
     float_inits = {init.name: init for init in folded.graph.initializer}
     float_convs = {n.name: n for n in folded.graph.node if n.op_type == "Conv"}
-    producers = {out: node for node in quantized.graph.node for out in node.output}
+    producers = producers_of(quantized)
     inits = {init.name: init for init in quantized.graph.initializer}
     for conv in [n for n in quantized.graph.node if n.op_type == "Conv" and n.name in means and len(n.input) > 2]:
         weight_dq, bias_dq = producers.get(conv.input[1]), producers.get(conv.input[2])
@@ -217,7 +222,7 @@ def backbone_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that feed a convolution, directly or through others, and the convolutions: what
     quantization may touch. Everything downstream of the last convolutions (pooling, heads, softmax, the
     weighted average, age and age range) stays float."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     upstream, stack = set(), list(convs)
     while stack:
@@ -277,7 +282,7 @@ def code_preserving_scales(model: onnx.ModelProto) -> dict[str, list[dict]]:
     EfficientNet-Lite's "SAME" stem does): (x - mean) / std quantized with scale 1 / std and zero point mean
     has x's own codes, so drop_code_preserving_normalization can remove the float Sub and Div. Needs one
     whole-number mean for every channel, 0-255, and one std."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     consumers = consumers_of(model)
     uint8_inputs = uint8_inputs_of(model)
     overrides = {}
@@ -311,7 +316,7 @@ def drop_code_preserving_normalization(model: onnx.ModelProto) -> int:
     """Remove each DequantizeLinear (or Cast of uint8 pixels) -> Sub -> Div -> QuantizeLinear chain that gives
     every uint8 code back unchanged (code_preserving_scales arranges it), in place: its readers read the codes it
     was given. Checked on all 256 codes, so a chain that would move one stays. Returns how many were removed."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     uint8_inputs = uint8_inputs_of(model)
     removed = set()
     for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
@@ -347,7 +352,7 @@ def uint8_front(model: onnx.ModelProto) -> int:
     and zero point 0 reads pixels that come from the uint8 image through a Cast to float and pixel ops only
     (crop, resize), run those ops on the uint8 image instead and let the DequantizeLinear read their output.
     Returns how many such QuantizeLinear nodes were removed."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     uint8_inputs = uint8_inputs_of(model)
     removed, added = set(), []
     def unit(node) -> bool:  # a Quantize/DequantizeLinear with scale 1 and zero point 0: uint8 <-> float as is
@@ -383,7 +388,7 @@ def uint8_pads(model: onnx.ModelProto) -> int:
     each would run in float between a dequantization and a quantization, on one thread; a shortcut's channel
     padding, a "SAME" padding. A Pad whose output is not requantized gets the DequantizeLinear after it instead.
     Returns how many Pad nodes now run on uint8."""
-    producers = {out: node for node in model.graph.node for out in node.output}
+    producers = producers_of(model)
     consumers = consumers_of(model)
 
     removed, added, count = set(), [], 0
